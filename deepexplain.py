@@ -1,0 +1,868 @@
+"""deepexplain: why does an image classifier pick its top class?
+
+A tiny CNN, the *perturbation generator*, is trained so that the classifier's
+score for the explained class collapses while an L1 term keeps the perturbed
+image close to the original. Where the two images differ most is where the
+classifier looked: the difference ``|x - x_pert|`` is sharpened (power 6), its
+border is cropped and it is dilated into a saliency map whose center of mass
+marks the region that mattered. This is the method of "Deep Explanation: Using
+AI for Explaining the Results of AI" (roberto1648 on GitHub), rebuilt stage by
+stage.
+
+Example (runs offline on the embedded shapes model)::
+
+    import deepexplain as de
+    from deepexplain_scenes import make_scene
+
+    scene = make_scene(seed=0)
+    result = de.explain(scene.image, model="shapes", steps=100)
+    print(result.label, result.original_score, "->", result.perturbed_score)
+    print("center of mass (row, col):", result.center_of_mass)
+    de.plot_panels(result).savefig("explanation.png")
+
+Stages, each a function of its own: :func:`load_image` → :class:`Preprocessing`
+→ :func:`load_model` and :func:`assess` → :class:`PerturbationGenerator` and
+:func:`optimize_perturbation` → :func:`difference_map`, :func:`sharpen`,
+:func:`crop_border`, :func:`dilate`, :func:`center_of_mass` → plots.
+:func:`explain` runs them all. ``python deepexplain.py --help`` shows the
+command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Callable, Iterator, Mapping, Sequence
+from urllib.parse import urlparse
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torchvision
+from PIL import Image, UnidentifiedImageError
+from scipy import ndimage
+from skimage import morphology, transform
+from torch import nn
+from tqdm.auto import tqdm
+
+import deepexplain_scenes as scenes
+
+__all__ = [
+    "SEED_PRESET", "PRESETS", "DEFAULTS", "AUTO_MODEL", "OFFLINE_ENV",
+    "load_image", "to_rgb_uint8", "Preprocessing",
+    "LoadedModel", "load_model", "frozen", "resolve_device",
+    "Prediction", "class_probabilities", "assess", "format_predictions",
+    "PerturbationGenerator", "OptimizationResult", "optimize_perturbation",
+    "difference_map", "sharpen", "crop_border", "dilate", "center_of_mass",
+    "saliency_map", "resolve_hyperparameters", "Explanation", "explain",
+    "plot_panels", "plot_overlay", "plot_history", "main",
+]
+
+#: The seed's hyperparameters, exactly (section 3.1 of the seed document).
+SEED_PRESET: Mapping[str, float | int] = MappingProxyType(dict(
+    kernel_size=3, nblocks=3, nlayers=3, steps=1000, lr=0.01, l1_coeff=1.0,
+    power=6, border=0.1, dilation=20,
+))
+#: Named hyperparameter sets for ``explain(preset=...)``.
+PRESETS: Mapping[str, Mapping[str, float | int]] = MappingProxyType({"seed": SEED_PRESET})
+#: What ``explain`` uses when neither a preset nor a value is given.
+DEFAULTS = SEED_PRESET
+
+#: The model ``"auto"`` prefers when its pretrained weights can be had.
+AUTO_MODEL = "vgg19"
+#: Set this environment variable to 1 to forbid any download attempt.
+OFFLINE_ENV = "DEEPEXPLAIN_OFFLINE"
+#: Below this top-class probability the seed warns that the explanation may not be accurate.
+LOW_CONFIDENCE = 0.5
+#: Images smaller than this on either side carry too little to explain.
+MIN_IMAGE_SIDE = 16
+
+
+# --------------------------------------------------------------------------- images
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Read a JPEG/PNG/GIF (anything Pillow reads) as an RGB uint8 H×W×3 array.
+
+    The first frame of an animated image is used. Palette, grayscale, CMYK and
+    16-bit images are converted to 8-bit RGB; images with transparency (RGBA,
+    LA, palette with a transparent colour) are composited on white.
+
+    Raises FileNotFoundError for a missing file and ValueError for an empty,
+    unreadable, truncated or too small (< 16 px a side) image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"image file is empty (0 bytes): {path}")
+    try:
+        with Image.open(path) as img:
+            img.seek(0)
+            img.load()
+            return _pil_to_rgb(img, source=str(path))
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ValueError(f"not a readable image: {path} ({err})") from None
+
+
+def _pil_to_rgb(img: Image.Image, source: str = "image") -> np.ndarray:
+    """Convert a Pillow image in any mode to RGB uint8 H×W×3 (alpha composited on white)."""
+    if img.mode.startswith("I") or img.mode == "F":  # 16/32-bit grayscale
+        return to_rgb_uint8(np.asarray(img), source)
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return to_rgb_uint8(np.asarray(img.convert("RGB")), source)
+
+
+def to_rgb_uint8(array: np.ndarray, source: str = "image") -> np.ndarray:
+    """Return a new RGB uint8 H×W×3 copy of an image array; the input is not changed.
+
+    Accepts H×W (grayscale), H×W×3 (RGB) or H×W×4 (RGBA, composited on white)
+    arrays of dtype uint8 (0–255), uint16 or int32 holding 16-bit values
+    (0–65535, scaled down when any value exceeds 255) or float (0–1).
+    """
+    array = np.asarray(array)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] not in (3, 4):
+        raise ValueError(f"{source}: expected an H×W, H×W×3 or H×W×4 image, got shape {array.shape}")
+    if array.dtype == np.uint8:
+        unit = array / 255.0
+    elif np.issubdtype(array.dtype, np.integer):
+        unit = array / (65535.0 if array.max(initial=0) > 255 else 255.0)
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+            raise ValueError(f"{source}: a float image must hold finite values in [0, 1]")
+        unit = array
+    else:
+        raise ValueError(f"{source}: unsupported image dtype {array.dtype}")
+    if unit.shape[2] == 4:
+        alpha = unit[..., 3:]
+        unit = unit[..., :3] * alpha + (1.0 - alpha)
+    if min(unit.shape[:2]) < MIN_IMAGE_SIDE:
+        raise ValueError(f"{source}: image of {unit.shape[0]}×{unit.shape[1]} px is too small "
+                         f"(at least {MIN_IMAGE_SIDE}×{MIN_IMAGE_SIDE} needed)")
+    return np.clip(np.round(unit * 255.0), 0, 255).astype(np.uint8)
+
+
+def _read_any_image(image: str | os.PathLike | np.ndarray | Image.Image) -> np.ndarray:
+    """An image given as a path, an array or a Pillow image → RGB uint8 H×W×3."""
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        return _pil_to_rgb(image)
+    return to_rgb_uint8(image)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The classifier's input transform and its inverse.
+
+    ``__call__`` resizes an RGB uint8 H×W×3 image to ``size`` (the seed's
+    ``skimage.transform.resize``: the whole image, no crop, anti-aliased), scales
+    it to [0, 1] and normalizes each channel with ``mean``/``std``, in **RGB**
+    order. (The seed flipped the image to BGR before applying these RGB
+    statistics; torchvision's weights expect RGB, so that flip is a bug and is
+    not reproduced here.)
+    """
+
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    size: tuple[int, int] = (224, 224)
+
+    def __call__(self, image: np.ndarray, device: torch.device | str | None = None) -> torch.Tensor:
+        """RGB uint8 H×W×3 → normalized float32 tensor 1×3×size, on ``device``."""
+        resized = transform.resize(to_rgb_uint8(image), self.size, order=1, anti_aliasing=True)
+        normalized = (resized - np.array(self.mean)) / np.array(self.std)
+        tensor = torch.from_numpy(normalized.astype(np.float32).transpose(2, 0, 1).copy())
+        return tensor.unsqueeze(0).to(device)
+
+    def to_image(self, tensor: torch.Tensor) -> np.ndarray:
+        """Normalized 1×3×H×W (or 3×H×W) tensor → displayable H×W×3 float array in [0, 1]."""
+        hwc = tensor.detach().float().cpu().reshape(3, *tensor.shape[-2:]).permute(1, 2, 0).numpy()
+        return np.clip(hwc * np.array(self.std) + np.array(self.mean), 0.0, 1.0)
+
+
+def channel_mean(tensor: torch.Tensor) -> np.ndarray:
+    """1×3×H×W (or 3×H×W) tensor → H×W float array: the mean over channels, as the seed plots it."""
+    return tensor.detach().float().cpu().reshape(3, *tensor.shape[-2:]).mean(0).numpy()
+
+
+# --------------------------------------------------------------------------- models
+
+@dataclass
+class LoadedModel:
+    """A classifier ready to explain: the model with its preprocessing and class labels.
+
+    ``model`` maps a normalized N×3×H×W tensor to N×K logits; ``labels`` has K
+    names (or is None: classes are then called "class i"); ``note`` says why
+    ``"auto"`` chose this model, when it fell back.
+    """
+
+    model: nn.Module
+    preprocessing: Preprocessing
+    labels: Sequence[str] | None
+    name: str
+    note: str = ""
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the model's first parameter (CPU for a model without parameters)."""
+        return next(self.model.parameters(), torch.empty(0)).device
+
+    def label(self, index: int) -> str:
+        """The name of class ``index``."""
+        return self.labels[index] if self.labels is not None else f"class {index}"
+
+
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """None → CUDA when available, else CPU; a named CUDA device must exist."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {device!r} ({err})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but CUDA is not available on this machine")
+    return device
+
+
+def load_model(name: str | nn.Module | LoadedModel = "auto", device: torch.device | str | None = None,
+               weights_path: str | os.PathLike | None = None, *,
+               preprocessing: Preprocessing | None = None,
+               labels: Sequence[str] | None = None) -> LoadedModel:
+    """Load a classifier to explain, frozen and in eval mode, with its preprocessing and labels.
+
+    ``name`` is one of:
+
+    * ``"vgg19"`` (the seed's model) or any other torchvision classification
+      model name: pretrained ImageNet weights through torchvision's weights API,
+      from the torch hub cache (``torch.hub.get_dir()``) or downloaded into it;
+      labels and normalization from the weights' metadata;
+    * the same names with ``weights_path``: a local state_dict file, loaded with
+      ``torch.load(..., weights_only=True)``, instead of the pretrained weights;
+    * ``"shapes"``: the embedded model trained on :mod:`deepexplain_scenes`
+      (``weights_path`` may point at another training run of it);
+    * ``"auto"``: ``AUTO_MODEL`` (VGG19) when its weights are cached or can be
+      downloaded now, otherwise ``"shapes"``, with a one-line note on stderr;
+      set ``DEEPEXPLAIN_OFFLINE=1`` to forbid any download attempt;
+    * a user's own ``nn.Module`` (with ``preprocessing`` and ``labels``; by
+      default ImageNet normalization and "class i" labels). It is neither
+      copied nor changed: moved only when ``device`` is given; :func:`explain`
+      freezes it only while it runs and restores it after.
+
+    Raises ValueError for an unknown name, unusable weights or an unavailable device.
+    """
+    if isinstance(name, LoadedModel):
+        return name
+    if isinstance(name, nn.Module):
+        if device is not None:
+            name.to(resolve_device(device))
+        return LoadedModel(name, preprocessing or Preprocessing(), labels, type(name).__name__)
+    if not isinstance(name, str):
+        raise ValueError(f"model must be a name or an nn.Module, got {type(name).__name__}")
+    device = resolve_device(device)
+    note = ""
+    if name == "auto":
+        if weights_path is not None:
+            raise ValueError("a weights file needs an architecture: give a model name such as "
+                             "'vgg19' or 'shapes' instead of 'auto'")
+        name, note = _choose_auto_model()
+        if note:
+            print(note, file=sys.stderr)
+    if name == "shapes":
+        model = scenes.load_shapes_model() if weights_path is None else _load_shapes_file(weights_path)
+        loaded = LoadedModel(model, Preprocessing(scenes.MEAN, scenes.STD), scenes.CLASS_NAMES, name, note)
+    else:
+        loaded = _load_torchvision_model(name, weights_path)
+        loaded.note = note
+    loaded.model.to(device).eval().requires_grad_(False)
+    return loaded
+
+
+def _load_shapes_file(weights_path: str | os.PathLike) -> nn.Module:
+    """The embedded architecture with weights from a local state_dict file."""
+    model = scenes.ShapesNet()
+    _load_state_dict(model, _read_state_dict(weights_path), f"{weights_path}", "shapes")
+    return model
+
+
+def _load_torchvision_model(name: str, weights_path: str | os.PathLike | None) -> LoadedModel:
+    """A torchvision classifier with pretrained or local weights; labels/normalization from its metadata."""
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"unknown model {name!r}: use 'auto', 'shapes', or a torchvision "
+                         "classification model such as 'vgg19' or 'resnet50' "
+                         "(torchvision.models.list_models() lists them)")
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    if weights_path is None:
+        state, source = _pretrained_state_dict(name, weights), weights.url
+    else:
+        state, source = _read_state_dict(weights_path), str(weights_path)
+    model = torchvision.models.get_model(name, weights=None)
+    _load_state_dict(model, state, source, name)
+    norm = weights.transforms()
+    return LoadedModel(model, Preprocessing(tuple(norm.mean), tuple(norm.std)),
+                       weights.meta["categories"], name)
+
+
+def _read_state_dict(path: str | os.PathLike) -> dict:
+    """Read a state_dict with ``weights_only=True``; ValueError when it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises pickle, zip and runtime errors alike
+        raise ValueError(f"not a PyTorch weights file: {path} ({type(err).__name__})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state_dict")
+    return state
+
+
+def _load_state_dict(model: nn.Module, state: dict, source: str, name: str) -> None:
+    """``model.load_state_dict(state)``, with a one-line ValueError when it does not fit."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise ValueError(f"weights in {source} do not match the {name!r} architecture: {detail}") from None
+
+
+def _cached_weights_file(url: str) -> Path:
+    """Where ``torch.hub.load_state_dict_from_url`` keeps the file downloaded from ``url``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+
+
+def _offline() -> bool:
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def _pretrained_state_dict(name: str, weights: torchvision.models.WeightsEnum) -> dict:
+    """Pretrained weights from the hub cache, downloaded into it unless offline."""
+    cached = _cached_weights_file(weights.url)
+    if not cached.is_file() and _offline():
+        raise ValueError(f"pretrained weights for {name!r} are not in the torch hub cache ({cached}) "
+                         f"and {OFFLINE_ENV}=1 forbids downloading them")
+    try:
+        return torch.hub.load_state_dict_from_url(weights.url, map_location="cpu", progress=True,
+                                                  check_hash=True, weights_only=True)
+    except (urllib.error.URLError, OSError, RuntimeError) as err:
+        raise ValueError(f"could not get pretrained weights for {name!r} from {weights.url} ({err}); "
+                         f"download the file on another machine into {cached.parent}") from None
+
+
+def _can_download(url: str, timeout: float = 3.0) -> bool:
+    """Whether ``url`` answers a HEAD request within ``timeout`` seconds."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+            return True
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _choose_auto_model() -> tuple[str, str]:
+    """(model name, note): AUTO_MODEL when its weights are cached or downloadable, else "shapes"."""
+    url = torchvision.models.get_model_weights(AUTO_MODEL).DEFAULT.url
+    cached = _cached_weights_file(url)
+    if cached.is_file():
+        return AUTO_MODEL, ""
+    if _offline():
+        why = f"{OFFLINE_ENV}=1 forbids downloading them"
+    elif _can_download(url):
+        return AUTO_MODEL, ""
+    else:
+        why = f"{urlparse(url).netloc} cannot be reached"
+    return "shapes", (f"note: explaining with the embedded 'shapes' model: {AUTO_MODEL}'s weights are not "
+                      f"in {cached.parent} and {why}; to use {AUTO_MODEL}, run once online or copy "
+                      f"{cached.name} there")
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode with ``requires_grad=False`` and restore both on exit."""
+    modes = [(module, module.training) for module in model.modules()]
+    grads = [(param, param.requires_grad) for param in model.parameters()]
+    model.eval().requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+        for param, requires_grad in grads:
+            param.requires_grad_(requires_grad)
+
+
+# --------------------------------------------------------------------------- assessment
+
+@dataclass(frozen=True)
+class Prediction:
+    """One class of the model's ranking: index, name and softmax probability in [0, 1]."""
+
+    index: int
+    label: str
+    probability: float
+
+
+@torch.no_grad()
+def class_probabilities(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Softmax probabilities N×K of a (frozen) model for a normalized N×3×H×W input."""
+    return torch.softmax(model(x).float(), dim=1)
+
+
+def assess(loaded: LoadedModel, x: torch.Tensor, k: int = 5) -> list[Prediction]:
+    """The model's top-``k`` classes for a 1×3×H×W input, most probable first."""
+    with frozen(loaded.model):
+        return _top_k(class_probabilities(loaded.model, x)[0], loaded, k)
+
+
+def _top_k(probs: torch.Tensor, loaded: LoadedModel, k: int) -> list[Prediction]:
+    top = torch.topk(probs, min(k, probs.numel()))
+    return [Prediction(int(i), loaded.label(int(i)), float(p)) for p, i in zip(top.values, top.indices)]
+
+
+def format_predictions(predictions: Sequence[Prediction]) -> str:
+    """The seed's top-k table, with its warning when the top probability is below 0.5."""
+    lines = [f"{len(predictions)} top classes identified by the model:",
+             "(class index) class description: model score"]
+    lines += [f"({p.index}) {p.label}: {p.probability:.4f}" for p in predictions]
+    if predictions and predictions[0].probability < LOW_CONFIDENCE:
+        lines += ["*** Warning ***", f"top category score under {LOW_CONFIDENCE}, extracted explanation "
+                  "may not be accurate on not well defined class"]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- generator
+
+def _odd_kernel_size(kernel_size: int) -> int:
+    """The seed's rule: an even kernel size is made odd (+1) so that 'same' padding exists."""
+    if int(kernel_size) != kernel_size or kernel_size < 1:
+        raise ValueError(f"kernel_size must be a positive integer, got {kernel_size}")
+    if kernel_size % 2 == 0:
+        warnings.warn(f"kernel_size {kernel_size} is even; using {kernel_size + 1}", stacklevel=3)
+        return int(kernel_size) + 1
+    return int(kernel_size)
+
+
+class PerturbationGenerator(nn.Module):
+    """The seed's perturbation CNN: one 3→3 conv, shared by every layer.
+
+    ``forward`` maps a normalized N×3×H×W tensor to a perturbed tensor of the
+    same shape: ``nblocks`` blocks of (the conv applied ``nlayers`` times, then a
+    ReLU), then each image rescaled to its input's [min, max]. 'Same' padding
+    keeps H×W; an even ``kernel_size`` is made odd with a warning. Unlike the
+    seed, a constant ReLU output (e.g. all zeros) does not divide by zero: it
+    maps to the input's minimum, so the output is always finite.
+    """
+
+    def __init__(self, kernel_size: int = 3, nblocks: int = 3, nlayers: int = 3):
+        super().__init__()
+        for arg, value in (("nblocks", nblocks), ("nlayers", nlayers)):
+            if int(value) != value or value < 1:
+                raise ValueError(f"{arg} must be a positive integer, got {value}")
+        kernel_size = _odd_kernel_size(kernel_size)
+        self.conv = nn.Conv2d(3, 3, kernel_size, padding=kernel_size // 2)
+        self.nblocks, self.nlayers = int(nblocks), int(nlayers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lo = x.amin(dim=(1, 2, 3), keepdim=True)
+        hi = x.amax(dim=(1, 2, 3), keepdim=True)
+        y = x
+        for _ in range(self.nblocks):
+            for _ in range(self.nlayers):
+                y = self.conv(y)
+            y = torch.relu(y)
+        return lo + (hi - lo) * _unit_range(y)
+
+
+def _unit_range(y: torch.Tensor) -> torch.Tensor:
+    """Rescale each image of N×C×H×W to [0, 1]; a constant image becomes all zeros (never NaN)."""
+    y_min = y.amin(dim=(1, 2, 3), keepdim=True)
+    span = y.amax(dim=(1, 2, 3), keepdim=True) - y_min
+    return (y - y_min) / span.clamp_min(torch.finfo(y.dtype).tiny)
+
+
+def _seeded_generator(seed: int, kernel_size: int, nblocks: int, nlayers: int) -> PerturbationGenerator:
+    """A generator initialised from ``seed`` without touching the caller's global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return PerturbationGenerator(kernel_size, nblocks, nlayers)
+
+
+# --------------------------------------------------------------------------- optimization
+
+@dataclass
+class OptimizationResult:
+    """What :func:`optimize_perturbation` found.
+
+    ``perturbed`` is the final generator's output (1×3×H×W, detached);
+    ``original_score``/``perturbed_score`` are the target's softmax probability
+    for the input and for ``perturbed``; histories hold one value per step.
+    """
+
+    perturbed: torch.Tensor
+    target: int
+    original_score: float
+    perturbed_score: float
+    losses: np.ndarray
+    probabilities: np.ndarray
+    l1s: np.ndarray
+    steps_run: int
+    seconds: float
+
+
+def optimize_perturbation(model: nn.Module, x: torch.Tensor, generator: PerturbationGenerator,
+                          target: int, steps: int = 1000, lr: float = 0.01, l1_coeff: float = 1.0,
+                          progress: bool = True) -> OptimizationResult:
+    """Train ``generator`` so that ``model`` loses confidence in ``target`` on ``generator(x)``.
+
+    The seed's loss: softmax probability of ``target`` + ``l1_coeff`` ·
+    mean|x − x_pert|, minimized with Adam (``lr``) over the generator's
+    parameters only, for ``steps`` steps. ``x`` is a normalized 1×3×H×W tensor;
+    the work runs on its device (the generator is moved there). The model is
+    frozen for the duration and restored afterwards.
+    """
+    generator.to(x.device)
+    optimizer = torch.optim.Adam(generator.parameters(), lr=lr)
+    history = []
+    start = time.perf_counter()
+    with frozen(model):
+        original = class_probabilities(model, x)[0, target]
+        for _ in tqdm(range(steps), desc="optimizing", disable=not progress, leave=False):
+            x_pert = generator(x)
+            probability = torch.softmax(model(x_pert).float(), dim=1)[0, target]
+            l1 = (x - x_pert).abs().mean()
+            loss = probability + l1_coeff * l1
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            history.append(torch.stack([loss, probability, l1]).detach())
+        with torch.no_grad():
+            x_pert = generator(x)
+        perturbed = class_probabilities(model, x_pert)[0, target]
+    losses, probabilities, l1s = torch.stack(history).cpu().double().numpy().T
+    return OptimizationResult(x_pert.detach(), target, float(original), float(perturbed), losses,
+                              probabilities, l1s, steps, time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------- post-processing
+
+def difference_map(x: torch.Tensor, x_pert: torch.Tensor) -> np.ndarray:
+    """The seed's signed difference: channel mean of x minus channel mean of x_pert, H×W float64."""
+    return channel_mean(x).astype(np.float64) - channel_mean(x_pert)
+
+
+def sharpen(diff: np.ndarray, power: float = 6) -> np.ndarray:
+    """|diff| ** power: a soft threshold that keeps the largest differences (≥ 0, H×W)."""
+    return np.abs(diff) ** power
+
+
+def crop_border(saliency: np.ndarray, border: float = 0.1) -> np.ndarray:
+    """A copy with a ``border`` fraction of rows and columns zeroed on every side (the seed's 10%)."""
+    h, w = saliency.shape
+    out = np.zeros_like(saliency)
+    rows = slice(int(border * h), int((1 - border) * h))
+    cols = slice(int(border * w), int((1 - border) * w))
+    out[rows, cols] = saliency[rows, cols]
+    return out
+
+
+def dilate(saliency: np.ndarray, dilation: int = 20) -> np.ndarray:
+    """Grey dilation with a ``dilation``×``dilation`` square (scikit-image, as the seed)."""
+    return morphology.dilation(saliency, np.ones((dilation, dilation), dtype=bool))
+
+
+def center_of_mass(saliency: np.ndarray) -> tuple[float, float] | None:
+    """The map's center of mass as (row, col) in pixels, or None for an all-zero map."""
+    if not saliency.any():
+        return None
+    row, col = ndimage.center_of_mass(saliency)
+    return float(row), float(col)
+
+
+def saliency_map(x: torch.Tensor, x_pert: torch.Tensor, power: float = 6, border: float = 0.1,
+                 dilation: int = 20) -> np.ndarray:
+    """All post-processing stages: difference → sharpen → crop border → dilate. H×W float32, ≥ 0."""
+    sharpened = sharpen(difference_map(x, x_pert), power)
+    return dilate(crop_border(sharpened, border), dilation).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- explain
+
+def resolve_hyperparameters(preset: str | None = None, **overrides) -> dict:
+    """The hyperparameters to use: DEFAULTS, then ``preset``, then ``overrides`` (None = unset).
+
+    Raises ValueError for an unknown preset or name, or an out-of-range value;
+    an even kernel size is made odd with a warning.
+    """
+    unknown = set(overrides) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown hyperparameter(s): {', '.join(sorted(unknown))} "
+                         f"(known: {', '.join(DEFAULTS)})")
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+    hp = {**DEFAULTS, **(PRESETS[preset] if preset else {}),
+          **{k: v for k, v in overrides.items() if v is not None}}
+    _check_hyperparameters(hp)
+    hp["kernel_size"] = _odd_kernel_size(hp["kernel_size"])
+    return hp
+
+
+def _check_hyperparameters(hp: dict) -> None:
+    checks = {
+        "steps": (hp["steps"] >= 1 and int(hp["steps"]) == hp["steps"], "a positive integer"),
+        "lr": (hp["lr"] > 0, "positive"),
+        "l1_coeff": (hp["l1_coeff"] >= 0, "zero or positive"),
+        "nblocks": (hp["nblocks"] >= 1 and int(hp["nblocks"]) == hp["nblocks"], "a positive integer"),
+        "nlayers": (hp["nlayers"] >= 1 and int(hp["nlayers"]) == hp["nlayers"], "a positive integer"),
+        "power": (hp["power"] > 0, "positive"),
+        "border": (0 <= hp["border"] < 0.5, "in [0, 0.5)"),
+        "dilation": (hp["dilation"] >= 1 and int(hp["dilation"]) == hp["dilation"], "an integer ≥ 1"),
+    }
+    for name, (ok, must_be) in checks.items():
+        if not ok:
+            raise ValueError(f"{name} must be {must_be}, got {hp[name]}")
+
+
+@dataclass
+class Explanation:
+    """Everything :func:`explain` found for one image.
+
+    ``input``/``perturbed``: normalized 1×3×H×W tensors; ``saliency``: H×W
+    float32 ≥ 0; ``center_of_mass``: (row, col) in pixels of the H×W map, or
+    None when the map is all zero; scores are the target's softmax
+    probabilities; histories hold one value per optimization step.
+    """
+
+    input: torch.Tensor
+    perturbed: torch.Tensor
+    saliency: np.ndarray
+    center_of_mass: tuple[float, float] | None
+    target: int
+    label: str
+    original_score: float
+    perturbed_score: float
+    losses: np.ndarray
+    probabilities: np.ndarray
+    l1s: np.ndarray
+    steps_run: int
+    seconds: float
+    hyperparameters: dict
+    model_name: str
+    predictions: list[Prediction]
+    preprocessing: Preprocessing = field(repr=False)
+    seed: int = 0
+
+    def summary(self) -> dict:
+        """A JSON-ready dict: model, target, scores, center of mass, steps, time and hyperparameters."""
+        return {
+            "model": self.model_name, "target": self.target, "label": self.label,
+            "original_score": self.original_score, "perturbed_score": self.perturbed_score,
+            "center_of_mass": None if self.center_of_mass is None else list(self.center_of_mass),
+            "steps_run": self.steps_run, "seconds": round(self.seconds, 3), "seed": self.seed,
+            "device": str(self.input.device), **self.hyperparameters,
+            "top5": [{"index": p.index, "label": p.label, "probability": p.probability}
+                     for p in self.predictions],
+        }
+
+
+def explain(image: str | os.PathLike | np.ndarray | Image.Image,
+            model: str | nn.Module | LoadedModel = "auto", *, preset: str | None = None,
+            target: int | None = None, seed: int = 0, device: torch.device | str | None = None,
+            weights_path: str | os.PathLike | None = None, verbose: bool = True,
+            **hyperparameters) -> Explanation:
+    """Explain why ``model`` gives ``image`` its top class (or class ``target``): the seed's ``main()``.
+
+    ``image`` is a path, an RGB/grayscale array or a Pillow image; ``model`` is
+    anything :func:`load_model` takes (or a :class:`LoadedModel`). Hyperparameters
+    (``kernel_size, nblocks, nlayers, steps, lr, l1_coeff, power, border,
+    dilation``) default to the seed's; ``preset="seed"`` pins them to it
+    explicitly. ``seed`` fixes the generator's initialisation, so a run is
+    reproducible on the same device. With ``verbose`` the top-5 assessment is
+    printed and a progress bar shown.
+    """
+    hp = resolve_hyperparameters(preset, **hyperparameters)
+    loaded = load_model(model, device=device, weights_path=weights_path)
+    x = loaded.preprocessing(_read_any_image(image), device=loaded.device)
+    with frozen(loaded.model):
+        probs = class_probabilities(loaded.model, x)[0]
+    predictions = _top_k(probs, loaded, 5)
+    if verbose:
+        print(format_predictions(predictions))
+    num_classes = probs.numel()
+    target = predictions[0].index if target is None else target
+    if int(target) != target or not 0 <= target < num_classes:
+        raise ValueError(f"target class {target} is out of range: the model has {num_classes} classes "
+                         f"(0 to {num_classes - 1})")
+    generator = _seeded_generator(seed, hp["kernel_size"], hp["nblocks"], hp["nlayers"])
+    result = optimize_perturbation(loaded.model, x, generator, int(target), hp["steps"], hp["lr"],
+                                   hp["l1_coeff"], progress=verbose)
+    saliency = saliency_map(x, result.perturbed, hp["power"], hp["border"], hp["dilation"])
+    return Explanation(x, result.perturbed, saliency, center_of_mass(saliency), result.target,
+                       loaded.label(result.target), result.original_score, result.perturbed_score,
+                       result.losses, result.probabilities, result.l1s, result.steps_run,
+                       result.seconds, hp, loaded.name, predictions, loaded.preprocessing, seed)
+
+
+# --------------------------------------------------------------------------- plots
+
+def _new_axes(ax, ncols: int = 1, width: float = 5.0):
+    """The given axes (one or a sequence) with their figure, or a new figure with ``ncols`` axes."""
+    if ax is None:
+        fig, ax = plt.subplots(ncols=ncols, figsize=(width * ncols, width))
+        return fig, ax
+    first = ax[0] if isinstance(ax, (list, tuple, np.ndarray)) else ax
+    return first.figure, ax
+
+
+def _mark_center(ax, com: tuple[float, float] | None) -> None:
+    """Draw the center of mass, given as (row, col), at matplotlib's (x=col, y=row)."""
+    if com is not None:
+        ax.plot(com[1], com[0], "rx", markersize=12, mew=2, label="center of mass")
+        ax.legend(loc="lower right", fontsize="small")
+
+
+def plot_panels(explanation: Explanation, axes=None) -> plt.Figure:
+    """The seed's three panels: processed image, perturbed image, differences with the center of mass.
+
+    The first two show the channel mean of the normalized tensors (as the seed
+    does); the third the saliency map. ``axes``: three matplotlib axes, or None
+    for a new figure. Returns the figure.
+    """
+    fig, axes = _new_axes(axes, ncols=3)
+    panels = [(channel_mean(explanation.input), "processed image", "viridis"),
+              (channel_mean(explanation.perturbed), "perturbed image", "viridis"),
+              (explanation.saliency, f"differences (power {explanation.hyperparameters['power']})", "Greys")]
+    for ax, (data, title, cmap) in zip(axes, panels):
+        fig.colorbar(ax.imshow(data, cmap=cmap), ax=ax, fraction=0.046)
+        ax.set_title(title)
+    _mark_center(axes[2], explanation.center_of_mass)
+    fig.suptitle(f"{explanation.model_name}: {explanation.label} "
+                 f"{explanation.original_score:.3f} → {explanation.perturbed_score:.2e}")
+    fig.tight_layout()
+    return fig
+
+
+def plot_overlay(explanation: Explanation, ax=None, alpha: float = 0.5, cmap: str = "jet") -> plt.Figure:
+    """The saliency map (scaled to [0, 1]) as a heat map over the original image; returns the figure."""
+    fig, ax = _new_axes(ax)
+    ax.imshow(explanation.preprocessing.to_image(explanation.input))
+    peak = explanation.saliency.max()
+    heat = explanation.saliency / peak if peak > 0 else explanation.saliency
+    fig.colorbar(ax.imshow(heat, cmap=cmap, alpha=alpha, vmin=0, vmax=1), ax=ax, fraction=0.046,
+                 label="saliency (scaled)")
+    _mark_center(ax, explanation.center_of_mass)
+    ax.set_title(f"where the model sees '{explanation.label}'")
+    ax.axis("off")
+    return fig
+
+
+def plot_history(explanation: Explanation | OptimizationResult, ax=None) -> plt.Figure:
+    """Loss and L1 term per step, with the target probability on a log scale; returns the figure."""
+    fig, ax = _new_axes(ax, width=6.0)
+    ax.plot(explanation.losses, label="loss")
+    ax.plot(explanation.l1s, label="mean |x − x_pert|")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss, L1")
+    prob_ax = ax.twinx()
+    prob_ax.semilogy(explanation.probabilities, color="tab:red", label="target probability")
+    prob_ax.set_ylabel("target probability")
+    lines = ax.get_lines() + prob_ax.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], loc="upper right")
+    ax.set_title("optimization")
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------- command line
+
+def _write_atomically(writers: Mapping[Path, Callable]) -> None:
+    """Write every file through a temporary name, then rename them all; on failure leave none."""
+    temps: list[tuple[str, Path]] = []
+    try:
+        for path, write in writers.items():
+            handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False)
+            temps.append((handle.name, path))
+            with handle:
+                write(handle)
+        for temp, path in temps:
+            os.replace(temp, path)
+    finally:
+        for temp, _ in temps:
+            Path(temp).unlink(missing_ok=True)
+
+
+def save_outputs(explanation: Explanation, out_dir: str | os.PathLike, stem: str) -> list[Path]:
+    """Write ``<stem>_explanation.png``, ``<stem>_saliency.npy`` and ``<stem>_summary.json`` whole."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig = plot_panels(explanation)
+    summary = json.dumps(explanation.summary(), indent=2).encode()
+    writers = {
+        out_dir / f"{stem}_explanation.png": lambda f: fig.savefig(f, format="png", dpi=100),
+        out_dir / f"{stem}_saliency.npy": lambda f: np.save(f, explanation.saliency.astype(np.float32)),
+        out_dir / f"{stem}_summary.json": lambda f: f.write(summary),
+    }
+    try:
+        _write_atomically(writers)
+    finally:
+        plt.close(fig)
+    return list(writers)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepexplain.py", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    ex = commands.add_parser("explain", help="explain an image's top class and write the results")
+    ex.add_argument("image", help="a JPEG/PNG/GIF file")
+    ex.add_argument("--model", default="auto", help="auto, vgg19, shapes or a torchvision model name")
+    ex.add_argument("--weights", type=Path, help="a local state_dict file for the model's architecture")
+    ex.add_argument("--target", type=int, help="class index to explain (default: the top class)")
+    ex.add_argument("--preset", choices=sorted(PRESETS), help="a named hyperparameter set")
+    for name, value in DEFAULTS.items():
+        ex.add_argument(f"--{name.replace('_', '-')}", type=type(value), help=f"default {value}")
+    ex.add_argument("--seed", type=int, default=0, help="initialisation seed of the generator")
+    ex.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    ex.add_argument("--out", type=Path, default=Path("results"), help="output folder (default results/)")
+    tr = commands.add_parser("train", help="train the embedded shapes model")
+    tr.add_argument("--out", type=Path, default=scenes.WEIGHTS_PATH, help="where to save the weights")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status (2 with a one-line message for bad input)."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            print(json.dumps(scenes.train(out_path=args.out), indent=2))
+            return 0
+        hyper = {name: getattr(args, name) for name in DEFAULTS}
+        result = explain(args.image, args.model, preset=args.preset, target=args.target, seed=args.seed,
+                         device=args.device, weights_path=args.weights, **hyper)
+        print(f"original score: {result.original_score:.4f}  perturbed score: {result.perturbed_score:.2e}")
+        for path in save_outputs(result, args.out, Path(args.image).stem):
+            print(f"wrote {path}")
+        return 0
+    except (ValueError, FileNotFoundError) as err:
+        print(f"deepexplain: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("deepexplain: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

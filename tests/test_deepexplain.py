@@ -1,0 +1,425 @@
+"""Contracts of deepexplain.py: shapes, ranges, no mutation, determinism, errors, loading, CLI."""
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import deepexplain as de
+import deepexplain_scenes as scenes
+
+ROOT = Path(__file__).resolve().parents[1]
+FEW_STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return de.load_model("shapes", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return scenes.load_sample(scenes.CLASS_NAMES[0])
+
+
+@pytest.fixture(scope="module")
+def explanation(shapes, sample):
+    return de.explain(sample.image, shapes, steps=FEW_STEPS, verbose=False)
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No downloads and an empty torch hub cache."""
+    monkeypatch.setenv(de.OFFLINE_ENV, "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    return tmp_path / "torch_home" / "hub" / "checkpoints"
+
+
+def save_random_state_dict(name, path):
+    torch.manual_seed(0)
+    torch.save(torchvision.models.get_model(name, weights=None).state_dict(), path)
+    return path
+
+
+# --------------------------------------------------------------------------- images
+
+def test_load_image_converts_modes(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "gray.png")
+    Image.fromarray(rgb).convert("P").save(tmp_path / "palette.png")
+    for name in ("rgb.png", "gray.png", "palette.png"):
+        img = de.load_image(tmp_path / name)
+        assert img.shape == (40, 50, 3) and img.dtype == np.uint8
+    assert np.array_equal(de.load_image(tmp_path / "rgb.png"), rgb)
+    gray = de.load_image(tmp_path / "gray.png")
+    assert np.array_equal(gray[..., 0], rgb[..., 0]) and np.array_equal(gray[..., 0], gray[..., 2])
+
+
+def test_load_image_composites_transparency_on_white(tmp_path):
+    rgba = np.zeros((20, 20, 4), dtype=np.uint8)
+    rgba[..., 0] = 255          # red ...
+    rgba[:10, :, 3] = 255       # ... opaque in the top half, transparent below
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    img = de.load_image(tmp_path / "rgba.png")
+    assert (img[:10] == [255, 0, 0]).all() and (img[10:] == 255).all()
+
+
+def test_load_image_takes_first_gif_frame(tmp_path):
+    frames = [Image.new("RGB", (32, 32), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
+    img = de.load_image(tmp_path / "anim.gif")
+    assert img.shape == (32, 32, 3) and img[..., 0].mean() > 200 and img[..., 2].mean() < 50
+
+
+def test_load_image_scales_16_bit(tmp_path):
+    ramp = (np.linspace(0, 65535, 32 * 32).reshape(32, 32)).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    img = de.load_image(tmp_path / "deep.png")
+    assert img.dtype == np.uint8 and img.min() == 0 and img.max() == 255
+
+
+BAD_FILES = {
+    "not found": lambda path: None,
+    "empty": lambda path: path.write_bytes(b""),
+    "not a readable image": lambda path: path.write_text("hello, I am text"),
+    "too small": lambda path: Image.new("RGB", (1, 1)).save(path, format="PNG"),
+}
+
+
+@pytest.mark.parametrize("message", BAD_FILES)
+def test_load_image_rejects_bad_files(tmp_path, message):
+    path = tmp_path / "bad.jpg"
+    BAD_FILES[message](path)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        de.load_image(path)
+
+
+def test_load_image_rejects_truncated_jpeg(tmp_path, sample):
+    Image.fromarray(sample.image).save(tmp_path / "full.jpg", quality=95)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable image"):
+        de.load_image(tmp_path / "cut.jpg")
+
+
+def test_to_rgb_uint8_does_not_mutate_and_checks_ranges():
+    floats = np.full((20, 20, 3), 0.5)
+    out = de.to_rgb_uint8(floats)
+    assert out.dtype == np.uint8 and (out == 128).all() and (floats == 0.5).all()
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        de.to_rgb_uint8(floats * 3)
+    with pytest.raises(ValueError, match="shape"):
+        de.to_rgb_uint8(np.zeros((20, 20, 2), dtype=np.uint8))
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+def test_preprocessing_is_rgb_and_normalized():
+    prep = de.Preprocessing()
+    red = np.zeros((300, 200, 3), dtype=np.uint8)
+    red[..., 0] = 255
+    x = prep(red)
+    assert x.shape == (1, 3, 224, 224) and x.dtype == torch.float32
+    expected = [(1 - prep.mean[0]) / prep.std[0], -prep.mean[1] / prep.std[1], -prep.mean[2] / prep.std[2]]
+    assert torch.allclose(x[0, :, 100, 100], torch.tensor(expected), atol=1e-5)
+
+
+def test_to_image_inverts_preprocessing(sample):
+    prep = de.Preprocessing()
+    back = prep.to_image(prep(sample.image))
+    assert back.shape == (224, 224, 3) and 0 <= back.min() and back.max() <= 1
+    assert np.abs(back * 255 - sample.image).max() < 1.0
+
+
+# --------------------------------------------------------------------------- generator
+
+@pytest.mark.parametrize("x", [torch.randn(2, 3, 32, 32), torch.full((1, 3, 32, 32), 0.7)])
+def test_generator_output_finite_and_within_input_range(x):
+    torch.manual_seed(0)
+    out = de.PerturbationGenerator()(x)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    for xi, oi in zip(x, out):
+        assert oi.min() >= xi.min() - 1e-5 and oi.max() <= xi.max() + 1e-5
+
+
+def test_generator_survives_all_zero_relu_output():
+    gen = de.PerturbationGenerator()
+    with torch.no_grad():
+        gen.conv.weight.zero_()
+        gen.conv.bias.fill_(-1.0)  # every ReLU output is 0: the seed divided by zero here
+    x = torch.randn(1, 3, 16, 16)
+    out = gen(x)
+    assert torch.isfinite(out).all() and torch.allclose(out, x.min().expand_as(out))
+
+
+def test_generator_shares_one_conv_and_makes_kernel_odd():
+    with pytest.warns(UserWarning, match="even"):
+        gen = de.PerturbationGenerator(kernel_size=4, nblocks=2, nlayers=5)
+    assert gen.conv.kernel_size == (5, 5) and gen.conv.padding == (2, 2)
+    assert sum(p.numel() for p in gen.parameters()) == 3 * 3 * 5 * 5 + 3
+    with pytest.raises(ValueError, match="nblocks"):
+        de.PerturbationGenerator(nblocks=0)
+
+
+# --------------------------------------------------------------------------- post-processing
+
+def test_postprocessing_stages():
+    diff = np.zeros((100, 100))
+    diff[40, 70] = -2.0
+    sharp = de.sharpen(diff, 6)
+    assert sharp[40, 70] == 64.0 and sharp.min() == 0           # |d| ** 6, never negative
+    cropped = de.crop_border(np.ones((100, 100)), 0.1)
+    assert cropped[:10].sum() == 0 and cropped[90:].sum() == 0 and cropped[:, :10].sum() == 0
+    assert cropped[10:90, 10:90].all()
+    dilated = de.dilate(sharp, 5)
+    assert (dilated == 64).sum() == 25 and dilated.max() == 64
+    assert de.center_of_mass(dilated) == pytest.approx((40, 70), abs=1)
+    assert de.center_of_mass(np.zeros((10, 10))) is None
+
+
+def test_crop_border_does_not_mutate():
+    saliency = np.ones((50, 50))
+    de.crop_border(saliency, 0.2)
+    assert saliency.all()
+
+
+def test_saliency_map_points_at_the_changed_region():
+    x = torch.zeros(1, 3, 64, 64)
+    x_pert = x.clone()
+    x_pert[..., 20:26, 40:46] = 1.0
+    saliency = de.saliency_map(x, x_pert, power=6, border=0.1, dilation=3)
+    assert saliency.shape == (64, 64) and saliency.dtype == np.float32 and saliency.min() >= 0
+    assert de.center_of_mass(saliency) == pytest.approx((22.5, 42.5), abs=0.5)
+
+
+# --------------------------------------------------------------------------- hyperparameters
+
+def test_seed_preset_is_the_seeds_values():
+    seed = dict(kernel_size=3, nblocks=3, nlayers=3, steps=1000, lr=0.01, l1_coeff=1.0,
+                power=6, border=0.1, dilation=20)
+    assert dict(de.PRESETS["seed"]) == seed
+    assert de.resolve_hyperparameters() == seed
+    assert de.resolve_hyperparameters("seed", steps=5) == {**seed, "steps": 5}
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"steps": 0}, "steps"), ({"steps": -3}, "steps"), ({"lr": 0}, "lr"), ({"lr": -0.1}, "lr"),
+    ({"border": 0.5}, "border"), ({"dilation": 0}, "dilation"), ({"power": 0}, "power"),
+    ({"nlayers": 0}, "nlayers"), ({"momentum": 1}, "unknown hyperparameter"),
+])
+def test_bad_hyperparameters_are_named(bad, message):
+    with pytest.raises(ValueError, match=message):
+        de.resolve_hyperparameters(**bad)
+
+
+def test_even_kernel_size_is_made_odd_with_a_warning():
+    with pytest.warns(UserWarning, match="even"):
+        assert de.resolve_hyperparameters(kernel_size=2)["kernel_size"] == 3
+
+
+# --------------------------------------------------------------------------- explain
+
+def test_explanation_contract(explanation, sample):
+    e = explanation
+    assert e.input.shape == e.perturbed.shape == (1, 3, 224, 224)
+    assert e.saliency.shape == (224, 224) and e.saliency.dtype == np.float32 and e.saliency.min() >= 0
+    assert e.target == e.predictions[0].index == sample.label and e.label == sample.name
+    assert 0 <= e.perturbed_score <= 1 and 0 <= e.original_score <= 1
+    assert len(e.losses) == len(e.probabilities) == len(e.l1s) == e.steps_run == FEW_STEPS
+    np.testing.assert_allclose(e.losses, e.probabilities + e.l1s, rtol=1e-5)
+    row, col = e.center_of_mass
+    assert 22 <= row < 202 and 22 <= col < 202  # inside the uncropped window
+
+
+@pytest.mark.parametrize("name", scenes.CLASS_NAMES[:2])
+def test_target_probability_drops_tenfold_on_samples(shapes, name):
+    e = de.explain(scenes.load_sample(name).image, shapes, steps=FEW_STEPS, verbose=False)
+    assert e.original_score > 0.5
+    assert e.perturbed_score < e.original_score / 10
+
+
+def test_same_seed_same_map_and_global_rng_untouched(shapes, sample, explanation):
+    state = torch.get_rng_state()
+    again = de.explain(sample.image, shapes, steps=FEW_STEPS, verbose=False)
+    other = de.explain(sample.image, shapes, steps=FEW_STEPS, seed=1, verbose=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert np.array_equal(again.saliency, explanation.saliency)
+    assert not np.array_equal(other.saliency, explanation.saliency)
+
+
+def test_explain_other_target(shapes, sample):
+    e = de.explain(sample.image, shapes, steps=3, target=2, verbose=False)
+    assert e.target == 2 and e.label == scenes.CLASS_NAMES[2]
+    with pytest.raises(ValueError, match="out of range"):
+        de.explain(sample.image, shapes, steps=3, target=len(scenes.CLASS_NAMES), verbose=False)
+
+
+def test_users_model_and_image_are_not_changed(sample):
+    model = scenes.ShapesNet()
+    model.train()
+    model.classifier.requires_grad_(False)
+    grads = [p.requires_grad for p in model.parameters()]
+    image = sample.image.copy()
+    e = de.explain(image, model, steps=2, verbose=False)
+    assert model.training and [p.requires_grad for p in model.parameters()] == grads
+    assert np.array_equal(image, sample.image)
+    assert e.label == "class %d" % e.target
+
+
+def test_verbose_prints_assessment_and_low_confidence_warning(capsys, sample):
+    torch.manual_seed(0)
+    untrained = scenes.ShapesNet()  # near-uniform over 6 classes: top probability < 0.5
+    de.explain(sample.image, untrained, steps=1)
+    out = capsys.readouterr().out
+    assert "5 top classes identified by the model" in out and "*** Warning ***" in out
+
+
+def test_plots_return_figures_and_mark_center_at_x_col_y_row(explanation):
+    import matplotlib.pyplot as plt
+
+    fig = de.plot_panels(explanation)
+    marker = fig.axes[2].lines[0]
+    row, col = explanation.center_of_mass
+    assert marker.get_xdata()[0] == pytest.approx(col) and marker.get_ydata()[0] == pytest.approx(row)
+    _, ax = plt.subplots()
+    assert de.plot_overlay(explanation, ax=ax) is ax.figure
+    assert de.plot_history(explanation).axes
+    plt.close("all")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_explain_on_cuda_matches_cpu(sample, explanation):
+    e = de.explain(sample.image, "shapes", device="cuda", steps=FEW_STEPS, verbose=False)
+    assert e.input.is_cuda and e.perturbed_score < e.original_score / 10
+    assert e.target == explanation.target
+
+
+# --------------------------------------------------------------------------- loading models
+
+def test_torchvision_model_from_local_state_dict(tmp_path, sample):
+    path = save_random_state_dict("mobilenet_v3_small", tmp_path / "random.pt")
+    loaded = de.load_model("mobilenet_v3_small", device="cpu", weights_path=path)
+    assert len(loaded.labels) == 1000 and loaded.labels[0] == "tench"
+    assert not loaded.model.training and not any(p.requires_grad for p in loaded.model.parameters())
+    assert loaded.preprocessing.mean == (0.485, 0.456, 0.406)
+    e = de.explain(sample.image, loaded, steps=2, verbose=False)
+    assert e.saliency.shape == (224, 224) and 0 <= e.target < 1000
+
+
+def test_weights_that_do_not_fit_are_named(tmp_path):
+    path = save_random_state_dict("mobilenet_v3_small", tmp_path / "small.pt")
+    with pytest.raises(ValueError, match="do not match the 'resnet18' architecture"):
+        de.load_model("resnet18", device="cpu", weights_path=path)
+    with pytest.raises(ValueError, match="do not match the 'shapes' architecture"):
+        de.load_model("shapes", device="cpu", weights_path=path)
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="not a PyTorch weights file"):
+        de.load_model("shapes", device="cpu", weights_path=tmp_path / "junk.pt")
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="unknown model 'vgg1000'"):
+        de.load_model("vgg1000", device="cpu")
+
+
+def test_auto_falls_back_to_shapes_offline_with_a_note(offline, capsys):
+    loaded = de.load_model("auto", device="cpu")
+    assert loaded.name == "shapes" and "vgg19" in loaded.note and de.OFFLINE_ENV in loaded.note
+    assert loaded.note in capsys.readouterr().err
+    with pytest.raises(ValueError, match="not in the torch hub cache"):
+        de.load_model("vgg19", device="cpu")
+
+
+def test_auto_takes_cached_pretrained_weights(offline, monkeypatch):
+    monkeypatch.setattr(de, "AUTO_MODEL", "mobilenet_v3_small")
+    url = torchvision.models.get_model_weights("mobilenet_v3_small").DEFAULT.url
+    offline.mkdir(parents=True)
+    save_random_state_dict("mobilenet_v3_small", offline / Path(url).name)
+    loaded = de.load_model("auto", device="cpu")
+    assert loaded.name == "mobilenet_v3_small" and loaded.note == "" and len(loaded.labels) == 1000
+
+
+def test_frozen_restores_modes_and_grads():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout())
+    model[1].eval()
+    model[0].bias.requires_grad_(False)
+    with de.frozen(model):
+        assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert model.training and not model[1].training
+    assert model[0].weight.requires_grad and not model[0].bias.requires_grad
+
+
+def test_unavailable_cuda_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        de.resolve_device("cuda")
+
+
+# --------------------------------------------------------------------------- command line
+
+def test_cli_writes_three_files_with_documented_keys(tmp_path, capsys):
+    image = scenes.SAMPLES_DIR / f"{scenes.CLASS_NAMES[1]}.png"
+    code = de.main(["explain", str(image), "--model", "shapes", "--steps", "5", "--dilation", "10",
+                    "--device", "cpu", "--out", str(tmp_path)])
+    assert code == 0
+    stem = image.stem
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"{stem}_explanation.png", f"{stem}_saliency.npy", f"{stem}_summary.json"])
+    summary = json.loads((tmp_path / f"{stem}_summary.json").read_text())
+    for key in ("model", "target", "label", "original_score", "perturbed_score", "center_of_mass",
+                "steps_run", "seconds", *de.DEFAULTS):
+        assert key in summary
+    assert summary["steps"] == summary["steps_run"] == 5 and summary["dilation"] == 10
+    assert summary["label"] == scenes.CLASS_NAMES[1]
+    saliency = np.load(tmp_path / f"{stem}_saliency.npy")
+    assert saliency.shape == (224, 224) and saliency.dtype == np.float32
+    assert Image.open(tmp_path / f"{stem}_explanation.png").size[0] > 500
+    assert "5 top classes" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing.png"], "image file not found"),
+    (["{empty}"], "empty"),
+    (["{sample}", "--model", "nonsense"], "unknown model"),
+    (["{sample}", "--steps", "0"], "steps must be"),
+    (["{sample}", "--lr", "-1"], "lr must be"),
+    (["{sample}", "--border", "0.5"], "border must be"),
+    (["{sample}", "--dilation", "0"], "dilation must be"),
+    (["{sample}", "--target", "99"], "out of range"),
+    (["{sample}", "--weights", "{empty}", "--model", "shapes"], "not a PyTorch weights file"),
+])
+def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, message):
+    (tmp_path / "empty.png").write_bytes(b"")
+    sample = scenes.SAMPLES_DIR / f"{scenes.CLASS_NAMES[0]}.png"
+    args = [a.format(empty=tmp_path / "empty.png", sample=sample) for a in args]
+    out = tmp_path / "out"
+    defaults = ["--model", "shapes", "--steps", "2", "--device", "cpu", "--out", str(out)]
+    code = de.main(["explain", *defaults, *args])  # a later option overrides its default
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_cli_leaves_no_partial_file_when_writing_fails(tmp_path, monkeypatch, explanation):
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(np, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        de.save_outputs(explanation, tmp_path, "scene")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_process_exit_code_and_message(tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "deepexplain.py"), "explain",
+                          str(tmp_path / "nope.jpg"), "--model", "shapes"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 2
+    assert run.stderr.strip() == f"deepexplain: error: image file not found: {tmp_path / 'nope.jpg'}"
