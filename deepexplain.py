@@ -12,25 +12,26 @@ stage.
 Example (runs offline on the embedded shapes model)::
 
     import deepexplain as de
-    from deepexplain_scenes import make_scene
 
-    scene = make_scene(seed=0)
-    result = de.explain(scene.image, model="shapes", steps=100)
+    result = de.explain("star", model="shapes", steps=100)  # an embedded sample scene
     print(result.label, result.original_score, "->", result.perturbed_score)
     print("center of mass (row, col):", result.center_of_mass)
     de.plot_panels(result).savefig("explanation.png")
 
-Stages, each a function of its own: :func:`load_image` → :class:`Preprocessing`
+Stages, each a function of its own: :func:`read_image` → :class:`Preprocessing`
 → :func:`load_model` and :func:`assess` → :class:`PerturbationGenerator` and
 :func:`optimize_perturbation` → :func:`difference_map`, :func:`sharpen`,
-:func:`crop_border`, :func:`dilate`, :func:`center_of_mass` → plots.
-:func:`explain` runs them all. ``python deepexplain.py --help`` shows the
-command line.
+:func:`crop_border`, :func:`dilate`, :func:`center_of_mass` → plots
+(:func:`plot_panels`, :func:`plot_overlay`, :func:`plot_history`).
+:func:`explain` runs them all; the ``*_panel`` functions build the notebooks'
+widgets; ``python deepexplain.py --help`` shows the command line. The embedded
+scenes and their model live in :mod:`deepexplain_scenes`.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -40,7 +41,7 @@ import urllib.error
 import urllib.request
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Callable, Iterator, Mapping, Sequence
@@ -60,13 +61,15 @@ import deepexplain_scenes as scenes
 
 __all__ = [
     "SEED_PRESET", "PRESETS", "DEFAULTS", "AUTO_MODEL", "OFFLINE_ENV",
-    "load_image", "to_rgb_uint8", "Preprocessing",
+    "load_image", "read_image", "to_rgb_uint8", "Preprocessing", "channel_mean",
     "LoadedModel", "load_model", "frozen", "resolve_device",
     "Prediction", "class_probabilities", "assess", "format_predictions",
     "PerturbationGenerator", "OptimizationResult", "optimize_perturbation",
     "difference_map", "sharpen", "crop_border", "dilate", "center_of_mass",
     "saliency_map", "resolve_hyperparameters", "Explanation", "explain",
-    "plot_panels", "plot_overlay", "plot_history", "main",
+    "with_postprocessing", "plot_panels", "plot_overlay", "plot_history", "plot_tensors",
+    "figure_to_png", "Panel", "generator_panel", "optimization_panel", "postprocessing_panel",
+    "save_outputs", "main",
 ]
 
 #: The seed's hyperparameters, exactly (section 3.1 of the seed document).
@@ -157,8 +160,14 @@ def to_rgb_uint8(array: np.ndarray, source: str = "image") -> np.ndarray:
     return np.clip(np.round(unit * 255.0), 0, 255).astype(np.uint8)
 
 
-def _read_any_image(image: str | os.PathLike | np.ndarray | Image.Image) -> np.ndarray:
-    """An image given as a path, an array or a Pillow image → RGB uint8 H×W×3."""
+def read_image(image: str | os.PathLike | np.ndarray | Image.Image) -> np.ndarray:
+    """An image given as a path, an embedded sample's name, an array or a Pillow image → RGB uint8 H×W×3.
+
+    A string that is not an existing file but names a class of the embedded
+    scenes (``"star"``) reads that sample scene from ``data/samples/``.
+    """
+    if isinstance(image, str) and image in scenes.CLASS_NAMES and not Path(image).exists():
+        return scenes.load_sample(image).image
     if isinstance(image, (str, os.PathLike)):
         return load_image(image)
     if isinstance(image, Image.Image):
@@ -284,7 +293,7 @@ def load_model(name: str | nn.Module | LoadedModel = "auto", device: torch.devic
         if note:
             print(note, file=sys.stderr)
     if name == "shapes":
-        model = scenes.load_shapes_model() if weights_path is None else _load_shapes_file(weights_path)
+        model = _load_shapes_file(scenes.WEIGHTS_PATH if weights_path is None else weights_path)
         loaded = LoadedModel(model, Preprocessing(scenes.MEAN, scenes.STD), scenes.CLASS_NAMES, name, note)
     else:
         loaded = _load_torchvision_model(name, weights_path)
@@ -294,9 +303,9 @@ def load_model(name: str | nn.Module | LoadedModel = "auto", device: torch.devic
 
 
 def _load_shapes_file(weights_path: str | os.PathLike) -> nn.Module:
-    """The embedded architecture with weights from a local state_dict file."""
+    """The embedded architecture with weights from a state_dict file (the shipped one by default)."""
     model = scenes.ShapesNet()
-    _load_state_dict(model, _read_state_dict(weights_path), f"{weights_path}", "shapes")
+    _load_state_dict(model, _read_state_dict(weights_path), str(weights_path), "shapes")
     return model
 
 
@@ -338,7 +347,7 @@ def _load_state_dict(model: nn.Module, state: dict, source: str, name: str) -> N
         model.load_state_dict(state)
     except RuntimeError as err:
         first = str(err).strip().splitlines()
-        detail = first[1].strip() if len(first) > 1 else first[0]
+        detail = (first[1].strip() if len(first) > 1 else first[0])[:200]
         raise ValueError(f"weights in {source} do not match the {name!r} architecture: {detail}") from None
 
 
@@ -386,9 +395,18 @@ def _choose_auto_model() -> tuple[str, str]:
         return AUTO_MODEL, ""
     else:
         why = f"{urlparse(url).netloc} cannot be reached"
+    folder = _home_relative(cached.parent)
     return "shapes", (f"note: explaining with the embedded 'shapes' model: {AUTO_MODEL}'s weights are not "
-                      f"in {cached.parent} and {why}; to use {AUTO_MODEL}, run once online or copy "
+                      f"in {folder} and {why}; to use {AUTO_MODEL}, run once online or copy "
                       f"{cached.name} there")
+
+
+def _home_relative(path: Path) -> str:
+    """``path`` with the home folder written as ~ (so notes carry no user-specific path)."""
+    try:
+        return str(Path("~") / path.relative_to(Path.home()))
+    except ValueError:
+        return str(path)
 
 
 @contextmanager
@@ -526,14 +544,17 @@ class OptimizationResult:
 
 def optimize_perturbation(model: nn.Module, x: torch.Tensor, generator: PerturbationGenerator,
                           target: int, steps: int = 1000, lr: float = 0.01, l1_coeff: float = 1.0,
-                          progress: bool = True) -> OptimizationResult:
+                          progress: bool = True,
+                          callback: Callable[[int, float], None] | None = None) -> OptimizationResult:
     """Train ``generator`` so that ``model`` loses confidence in ``target`` on ``generator(x)``.
 
     The seed's loss: softmax probability of ``target`` + ``l1_coeff`` ·
     mean|x − x_pert|, minimized with Adam (``lr``) over the generator's
     parameters only, for ``steps`` steps. ``x`` is a normalized 1×3×H×W tensor;
     the work runs on its device (the generator is moved there). The model is
-    frozen for the duration and restored afterwards.
+    frozen for the duration and restored afterwards. ``callback(step, probability)``,
+    when given, is called after every step (step counts from 1), e.g. to drive a
+    progress widget.
     """
     generator.to(x.device)
     optimizer = torch.optim.Adam(generator.parameters(), lr=lr)
@@ -541,7 +562,7 @@ def optimize_perturbation(model: nn.Module, x: torch.Tensor, generator: Perturba
     start = time.perf_counter()
     with frozen(model):
         original = class_probabilities(model, x)[0, target]
-        for _ in tqdm(range(steps), desc="optimizing", disable=not progress, leave=False):
+        for step in tqdm(range(1, steps + 1), desc="optimizing", disable=not progress, leave=False):
             x_pert = generator(x)
             probability = torch.softmax(model(x_pert).float(), dim=1)[0, target]
             l1 = (x - x_pert).abs().mean()
@@ -550,6 +571,8 @@ def optimize_perturbation(model: nn.Module, x: torch.Tensor, generator: Perturba
             loss.backward()
             optimizer.step()
             history.append(torch.stack([loss, probability, l1]).detach())
+            if callback is not None:
+                callback(step, float(probability.detach()))
         with torch.no_grad():
             x_pert = generator(x)
         perturbed = class_probabilities(model, x_pert)[0, target]
@@ -683,20 +706,20 @@ def explain(image: str | os.PathLike | np.ndarray | Image.Image,
             model: str | nn.Module | LoadedModel = "auto", *, preset: str | None = None,
             target: int | None = None, seed: int = 0, device: torch.device | str | None = None,
             weights_path: str | os.PathLike | None = None, verbose: bool = True,
-            **hyperparameters) -> Explanation:
+            callback: Callable[[int, float], None] | None = None, **hyperparameters) -> Explanation:
     """Explain why ``model`` gives ``image`` its top class (or class ``target``): the seed's ``main()``.
 
-    ``image`` is a path, an RGB/grayscale array or a Pillow image; ``model`` is
+    ``image`` is anything :func:`read_image` takes; ``model`` is
     anything :func:`load_model` takes (or a :class:`LoadedModel`). Hyperparameters
     (``kernel_size, nblocks, nlayers, steps, lr, l1_coeff, power, border,
     dilation``) default to the seed's; ``preset="seed"`` pins them to it
     explicitly. ``seed`` fixes the generator's initialisation, so a run is
     reproducible on the same device. With ``verbose`` the top-5 assessment is
-    printed and a progress bar shown.
+    printed and a progress bar shown; ``callback`` goes to :func:`optimize_perturbation`.
     """
     hp = resolve_hyperparameters(preset, **hyperparameters)
     loaded = load_model(model, device=device, weights_path=weights_path)
-    x = loaded.preprocessing(_read_any_image(image), device=loaded.device)
+    x = loaded.preprocessing(read_image(image), device=loaded.device)
     with frozen(loaded.model):
         probs = class_probabilities(loaded.model, x)[0]
     predictions = _top_k(probs, loaded, 5)
@@ -709,12 +732,22 @@ def explain(image: str | os.PathLike | np.ndarray | Image.Image,
                          f"(0 to {num_classes - 1})")
     generator = _seeded_generator(seed, hp["kernel_size"], hp["nblocks"], hp["nlayers"])
     result = optimize_perturbation(loaded.model, x, generator, int(target), hp["steps"], hp["lr"],
-                                   hp["l1_coeff"], progress=verbose)
+                                   hp["l1_coeff"], progress=verbose, callback=callback)
     saliency = saliency_map(x, result.perturbed, hp["power"], hp["border"], hp["dilation"])
     return Explanation(x, result.perturbed, saliency, center_of_mass(saliency), result.target,
                        loaded.label(result.target), result.original_score, result.perturbed_score,
                        result.losses, result.probabilities, result.l1s, result.steps_run,
                        result.seconds, hp, loaded.name, predictions, loaded.preprocessing, seed)
+
+
+def with_postprocessing(explanation: Explanation, power: float, border: float,
+                        dilation: int) -> Explanation:
+    """A copy of ``explanation`` with its map recomputed for other post-processing values (no re-optimization)."""
+    hp = resolve_hyperparameters(**{**explanation.hyperparameters, "power": power, "border": border,
+                                    "dilation": dilation})
+    saliency = saliency_map(explanation.input, explanation.perturbed, power, border, dilation)
+    return replace(explanation, saliency=saliency, center_of_mass=center_of_mass(saliency), hyperparameters=hp)
+
 
 
 # --------------------------------------------------------------------------- plots
@@ -787,6 +820,146 @@ def plot_history(explanation: Explanation | OptimizationResult, ax=None) -> plt.
     return fig
 
 
+def plot_tensors(tensors: Mapping[str, torch.Tensor], axes=None) -> plt.Figure:
+    """Channel means of normalized 1×3×H×W tensors side by side, titled by their keys; returns the figure."""
+    fig, axes = _new_axes(axes, ncols=len(tensors))
+    for ax, (title, tensor) in zip(np.atleast_1d(axes), tensors.items()):
+        fig.colorbar(ax.imshow(channel_mean(tensor)), ax=ax, fraction=0.046)
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------- widgets
+
+def figure_to_png(fig: plt.Figure) -> bytes:
+    """Render a figure to PNG bytes (for an ``ipywidgets.Image``) and close it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=72, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+@dataclass
+class Panel:
+    """A widget panel: display it in a notebook like any widget.
+
+    ``controls`` maps each hyperparameter to its widget; ``image`` shows the
+    panel's figure; panels that optimize also have a ``run`` button, a
+    ``progress`` bar and the last ``result``. Everything is driven from Python
+    too (set a control's ``value``, call ``run.click()``), so a headless run
+    never waits for a click.
+    """
+
+    widget: object
+    controls: dict
+    image: object
+    run: object = None
+    progress: object = None
+    result: Explanation | None = None
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+
+def _int_slider(name: str, value: int, low: int, high: int, step: int = 1):
+    import ipywidgets as widgets
+    return widgets.IntSlider(value=value, min=low, max=high, step=step, description=name,
+                             continuous_update=False)
+
+
+def _float_slider(name: str, value: float, low: float, high: float, step: float):
+    import ipywidgets as widgets
+    return widgets.FloatSlider(value=value, min=low, max=high, step=step, description=name,
+                               continuous_update=False)
+
+
+def _generator_controls(kernel_size: int, nblocks: int, nlayers: int) -> dict:
+    return {"kernel_size": _int_slider("kernel_size", kernel_size, 1, 9, 2),
+            "nblocks": _int_slider("nblocks", nblocks, 1, 6),
+            "nlayers": _int_slider("nlayers", nlayers, 1, 6)}
+
+
+def generator_panel(x: torch.Tensor, kernel_size: int = 3, nblocks: int = 3, nlayers: int = 3,
+                    seed: int = 0) -> Panel:
+    """Sliders that rebuild an untrained generator and redraw, at once, what it does to ``x`` (1×3×H×W)."""
+    import ipywidgets as widgets
+
+    controls = _generator_controls(kernel_size, nblocks, nlayers)
+    image = widgets.Image(format="png")
+
+    def redraw(_=None):
+        generator = _seeded_generator(seed, **{name: c.value for name, c in controls.items()})
+        with torch.no_grad():
+            out = generator.to(x.device)(x)
+        image.value = figure_to_png(plot_tensors({"input": x, "untrained generator output": out}))
+
+    for control in controls.values():
+        control.observe(redraw, names="value")
+    redraw()
+    return Panel(widgets.VBox([widgets.HBox(list(controls.values())), image]), controls, image)
+
+
+def optimization_panel(images: Mapping[str, object], model: str | nn.Module | LoadedModel = "auto", *,
+                       steps: int = 1000, lr: float = 0.01, l1_coeff: float = 1.0, kernel_size: int = 3,
+                       nblocks: int = 3, nlayers: int = 3, seed: int = 0) -> Panel:
+    """Controls for every optimization knob and a Run button that reruns :func:`explain` with live progress.
+
+    ``images`` maps names to anything :func:`explain` takes. Nothing runs until
+    Run is clicked (or ``panel.run.click()`` is called); the result is drawn with
+    :func:`plot_panels` and kept in ``panel.result``.
+    """
+    import ipywidgets as widgets
+
+    loaded = load_model(model)
+    controls = {"image": widgets.Dropdown(options=list(images), description="image"),
+                "steps": _int_slider("steps", steps, 1, max(2000, steps)),
+                "lr": widgets.FloatLogSlider(value=lr, base=10, min=-4, max=0, description="lr",
+                                             continuous_update=False),
+                "l1_coeff": _float_slider("l1_coeff", l1_coeff, 0.0, 5.0, 0.1),
+                **_generator_controls(kernel_size, nblocks, nlayers)}
+    run = widgets.Button(description="Run", button_style="primary", icon="play")
+    progress = widgets.IntProgress(value=0, min=0, max=steps, description="steps")
+    image = widgets.Image(format="png")
+    panel = Panel(widgets.VBox([widgets.HBox(list(controls.values())[:4]),
+                                widgets.HBox([*list(controls.values())[4:], run]), progress, image]),
+                  controls, image, run, progress)
+
+    def on_run(_=None):
+        hp = {name: c.value for name, c in controls.items() if name != "image"}
+        progress.max, progress.value, run.disabled = hp["steps"], 0, True
+        try:
+            panel.result = explain(images[controls["image"].value], loaded, seed=seed, verbose=False,
+                                   callback=lambda step, _: setattr(progress, "value", step), **hp)
+            image.value = figure_to_png(plot_panels(panel.result))
+        finally:
+            run.disabled = False
+
+    run.on_click(on_run)
+    return panel
+
+
+def postprocessing_panel(explanation: Explanation, power: float = 6, border: float = 0.1,
+                         dilation: int = 20) -> Panel:
+    """Sliders for power / border / dilation that redraw the map at once from a stored result."""
+    import ipywidgets as widgets
+
+    controls = {"power": _float_slider("power", power, 0.5, 12.0, 0.5),
+                "border": _float_slider("border", border, 0.0, 0.45, 0.01),
+                "dilation": _int_slider("dilation", dilation, 1, 40)}
+    image = widgets.Image(format="png")
+    panel = Panel(widgets.VBox([widgets.HBox(list(controls.values())), image]), controls, image)
+
+    def redraw(_=None):
+        panel.result = with_postprocessing(explanation, **{name: c.value for name, c in controls.items()})
+        image.value = figure_to_png(plot_panels(panel.result))
+
+    for control in controls.values():
+        control.observe(redraw, names="value")
+    redraw()
+    return panel
+
+
 # --------------------------------------------------------------------------- command line
 
 def _write_atomically(writers: Mapping[Path, Callable]) -> None:
@@ -827,7 +1000,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepexplain.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     ex = commands.add_parser("explain", help="explain an image's top class and write the results")
-    ex.add_argument("image", help="a JPEG/PNG/GIF file")
+    ex.add_argument("image", help="a JPEG/PNG/GIF file, or an embedded sample's name (e.g. star)")
     ex.add_argument("--model", default="auto", help="auto, vgg19, shapes or a torchvision model name")
     ex.add_argument("--weights", type=Path, help="a local state_dict file for the model's architecture")
     ex.add_argument("--target", type=int, help="class index to explain (default: the top class)")

@@ -110,6 +110,14 @@ def test_load_image_rejects_truncated_jpeg(tmp_path, sample):
         de.load_image(tmp_path / "cut.jpg")
 
 
+def test_read_image_takes_sample_names_paths_and_arrays(sample):
+    assert np.array_equal(de.read_image(sample.name), sample.image)
+    assert np.array_equal(de.read_image(scenes.SAMPLES_DIR / f"{sample.name}.png"), sample.image)
+    assert np.array_equal(de.read_image(Image.fromarray(sample.image)), sample.image)
+    with pytest.raises(FileNotFoundError, match="stars"):
+        de.read_image("stars")
+
+
 def test_to_rgb_uint8_does_not_mutate_and_checks_ranges():
     floats = np.full((20, 20, 3), 0.5)
     out = de.to_rgb_uint8(floats)

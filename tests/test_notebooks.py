@@ -1,0 +1,82 @@
+"""Every notebook runs headlessly with papermill (smoke parameters, another cwd) and produces what it promises."""
+
+import json
+import re
+from pathlib import Path
+
+import nbformat
+import papermill
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def tagged(notebook, tag):
+    return [cell for cell in notebook.cells if tag in cell.metadata.get("tags", [])]
+
+
+def run(name, tmp_path, **parameters):
+    """Execute notebook ``name`` with smoke parameters from a foreign folder; return its summary JSON."""
+    out = tmp_path / name
+    papermill.execute_notebook(str(ROOT / "notebooks" / name), str(out), parameters={"smoke": True, **parameters},
+                               kernel_name="python3", cwd=str(tmp_path), progress_bar=False)
+    (cell,) = tagged(nbformat.read(out, as_version=4), "summary")
+    return json.loads("".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_a_committed_tutorial(path):
+    nb = nbformat.read(path, as_version=4)
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
+    assert "In this notebook you will" in nb.cells[0].source
+    assert len(tagged(nb, "parameters")) == 1 and len(tagged(nb, "summary")) == 1
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert [cell.execution_count for cell in code] == list(range(1, len(code) + 1))  # one clean run
+    assert not re.search(r"/root/|/work/|/tmp/|/home/", path.read_text())  # no machine-specific paths
+
+
+def test_00_overview(tmp_path):
+    summary = run("00_overview.ipynb", tmp_path)
+    assert summary["perturbed_score"] < summary["original_score"]
+    assert summary["saliency_shape"] == [224, 224] and summary["label"] == "star"
+
+
+def test_01_preprocessing(tmp_path):
+    summary = run("01_preprocessing.ipynb", tmp_path)
+    assert summary["tensor_shape"] == [1, 3, 224, 224]
+    assert summary["modes"] and all(shape[2] == 3 for shape in summary["modes"].values())
+    assert 0 <= summary["score_bgr"] <= 1 and 0 <= summary["score_rgb"] <= 1
+
+
+def test_02_model_assessment(tmp_path):
+    summary = run("02_model_assessment.ipynb", tmp_path, target=3)
+    assert len(summary["top5"]) == 5 and summary["target"] == 3 and summary["target_label"] == "cross"
+    probabilities = [p["probability"] for p in summary["top5"]]
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert summary["target_perturbed_score"] <= summary["target_original_score"]
+
+
+def test_03_perturbation_generator(tmp_path):
+    summary = run("03_perturbation_generator.ipynb", tmp_path, kernel_size=5)
+    assert summary["output_shape"] == [1, 3, 224, 224] and summary["n_parameters"] == 3 * 3 * 5 * 5 + 3
+    assert summary["finite"] and summary["within_range"] and summary["constant_relu_finite"]
+
+
+def test_04_optimization(tmp_path):
+    summary = run("04_optimization.ipynb", tmp_path, image="disk")
+    assert summary["label"] == "disk" and summary["perturbed_score"] < summary["original_score"] / 10
+
+
+def test_05_postprocessing(tmp_path):
+    summary = run("05_postprocessing.ipynb", tmp_path, dilation=5)
+    assert summary["saliency_shape"] == [224, 224]
+    assert all(shape == [224, 224] for shape in summary["stage_shapes"].values())
+    assert summary["perturbed_score"] < summary["original_score"]
+
+
+def test_06_applications(tmp_path):
+    summary = run("06_applications.ipynb", tmp_path, model="shapes", images=["disk", "ring", "cross"], smoke_images=3)
+    assert summary["n_images"] == len(summary["rows"]) == 3
+    assert [row["label"] for row in summary["rows"]] == ["disk", "ring", "cross"]
+    assert all(row["perturbed_score"] < row["original_score"] for row in summary["rows"])
