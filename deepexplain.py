@@ -661,28 +661,19 @@ def _check_hyperparameters(hp: dict) -> None:
 
 
 @dataclass
-class Explanation:
-    """Everything :func:`explain` found for one image.
+class Explanation(OptimizationResult):
+    """Everything :func:`explain` found for one image: the optimization's result and more.
 
     ``input``/``perturbed``: normalized 1×3×H×W tensors; ``saliency``: H×W
     float32 ≥ 0; ``center_of_mass``: (row, col) in pixels of the H×W map, or
-    None when the map is all zero; scores are the target's softmax
-    probabilities; histories hold one value per optimization step.
+    None when the map is all zero; ``label``: the target's class name;
+    ``predictions``: the model's top 5 for ``input``.
     """
 
     input: torch.Tensor
-    perturbed: torch.Tensor
     saliency: np.ndarray
     center_of_mass: tuple[float, float] | None
-    target: int
     label: str
-    original_score: float
-    perturbed_score: float
-    losses: np.ndarray
-    probabilities: np.ndarray
-    l1s: np.ndarray
-    steps_run: int
-    seconds: float
     hyperparameters: dict
     model_name: str
     predictions: list[Prediction]
@@ -734,10 +725,9 @@ def explain(image: str | os.PathLike | np.ndarray | Image.Image,
     result = optimize_perturbation(loaded.model, x, generator, int(target), hp["steps"], hp["lr"],
                                    hp["l1_coeff"], progress=verbose, callback=callback)
     saliency = saliency_map(x, result.perturbed, hp["power"], hp["border"], hp["dilation"])
-    return Explanation(x, result.perturbed, saliency, center_of_mass(saliency), result.target,
-                       loaded.label(result.target), result.original_score, result.perturbed_score,
-                       result.losses, result.probabilities, result.l1s, result.steps_run,
-                       result.seconds, hp, loaded.name, predictions, loaded.preprocessing, seed)
+    return Explanation(**vars(result), input=x, saliency=saliency, center_of_mass=center_of_mass(saliency),
+                       label=loaded.label(result.target), hyperparameters=hp, model_name=loaded.name,
+                       predictions=predictions, preprocessing=loaded.preprocessing, seed=seed)
 
 
 def with_postprocessing(explanation: Explanation, power: float, border: float,
