@@ -19,6 +19,14 @@ Scenes
     the shape and its texture change.  The object's pixels are returned as a
     ground-truth mask, against which explanations can be checked.
 
+Planted shortcut
+    ``make_marked_scene`` adds a solid tag, a bar on the left edge whose colour
+    is one per class (``MARK_COLOURS``): the seed's motivating example of a
+    label printed on the side of a photo. The tag lies inside the seed's 10%
+    border crop. ``train(marked=True)`` fits a second model on such scenes,
+    where the tag predicts the class perfectly; ``accuracy(marks="swap")``
+    shows how much that model relies on it.
+
 Model
     ``ShapesNet`` is a ~250k-parameter CNN with the torchvision classifier
     interface (``features`` -> global average pooling -> ``classifier``).  It
@@ -49,8 +57,8 @@ from tqdm.auto import tqdm
 
 __all__ = [
     "CLASS_NAMES", "SCENE_SIZE", "MARGIN", "SIZE_RANGE", "MEAN", "STD",
-    "WEIGHTS_PATH", "SAMPLES_DIR", "EVAL_FIRST_SEED", "SAMPLE_FIRST_SEED",
-    "Scene", "make_scene", "scene_batch", "normalize", "ShapesNet",
+    "WEIGHTS_PATH", "SHORTCUT_WEIGHTS_PATH", "SHORTCUT_TRAINING", "SAMPLES_DIR", "EVAL_FIRST_SEED", "SAMPLE_FIRST_SEED",
+    "MARK_ROWS", "MARK_COLS", "MARK_COLOURS", "Scene", "make_scene", "mark_mask", "make_marked_scene", "scene_batch", "normalize", "ShapesNet",
     "load_shapes_model", "accuracy", "train", "save_samples", "load_sample",
 ]
 
@@ -61,6 +69,10 @@ SIZE_RANGE = (56, 100)      # diameter (px) of the object's circumscribed circle
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 WEIGHTS_PATH = Path(__file__).resolve().parent / "data" / "shapes_cnn.pt"
+SHORTCUT_WEIGHTS_PATH = WEIGHTS_PATH.with_name("shapes_shortcut_cnn.pt")
+MARK_ROWS, MARK_COLS = slice(62, 162), slice(2, 20)  # an 18x100 px bar on the left edge, inside the 22 px border
+SHORTCUT_TRAINING = {"n_train": 4000, "epochs": 3}  # train(marked=True, **SHORTCUT_TRAINING): ~3 min on 2 CPU cores
+MARK_COLOURS = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180))
 SAMPLES_DIR = Path(__file__).resolve().parent / "data" / "samples"
 EVAL_FIRST_SEED = 10_000_000
 SAMPLE_FIRST_SEED = 20_000_000
@@ -205,9 +217,47 @@ def make_scene(seed: int, label: int | None = None) -> Scene:
     return Scene(np.clip(image, 0, 255).astype(np.uint8), mask, label, CLASS_NAMES[label])
 
 
-def scene_batch(seeds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Scenes for `seeds`: images (N, 224, 224, 3) uint8, masks (N, 224, 224) bool, labels (N,) int64."""
-    scenes = [make_scene(int(s)) for s in seeds]
+def mark_mask() -> np.ndarray:
+    """(224, 224) bool mask of the planted tag's pixels."""
+    mask = np.zeros((SCENE_SIZE, SCENE_SIZE), dtype=bool)
+    mask[MARK_ROWS, MARK_COLS] = True
+    return mask
+
+
+def make_marked_scene(seed: int, label: int | None = None, mark_label: int | None = None) -> Scene:
+    """``make_scene(seed, label)`` with the tag of class ``mark_label`` (default: the scene's own class).
+
+    The Scene's mask is still the object's; the tag's pixels are ``mark_mask()``.
+    """
+    scene = make_scene(seed, label)
+    image = scene.image.copy()
+    image[MARK_ROWS, MARK_COLS] = MARK_COLOURS[scene.label if mark_label is None else int(mark_label)]
+    return scene._replace(image=image)
+
+
+def swapped_mark(seed: int, label: int) -> int:
+    """A tag class other than ``label``, chosen deterministically from ``seed``."""
+    return (label + 1 + seed % (len(CLASS_NAMES) - 1)) % len(CLASS_NAMES)
+
+
+def _scene(seed: int, marks: str | None) -> Scene:
+    """Scene ``seed`` without a tag (marks=None), with its own class's tag ("match") or another's ("swap")."""
+    if marks is None:
+        return make_scene(seed)
+    if marks == "match":
+        return make_marked_scene(seed)
+    if marks == "swap":
+        label = make_scene(seed).label
+        return make_marked_scene(seed, mark_label=swapped_mark(seed, label))
+    raise ValueError(f"marks must be None, 'match' or 'swap', got {marks!r}")
+
+
+def scene_batch(seeds, marks: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scenes for `seeds`: images (N, 224, 224, 3) uint8, masks (N, 224, 224) bool, labels (N,) int64.
+
+    marks: None (plain scenes), "match" (each with its class's tag) or "swap" (another class's tag).
+    """
+    scenes = [_scene(int(s), marks) for s in seeds]
     return (np.stack([s.image for s in scenes]), np.stack([s.mask for s in scenes]),
             np.array([s.label for s in scenes], dtype=np.int64))
 
@@ -264,13 +314,16 @@ def load_shapes_model(weights_path: str | os.PathLike = WEIGHTS_PATH) -> ShapesN
 
 @torch.no_grad()
 def accuracy(model: nn.Module, n_scenes: int = 1000, first_seed: int = EVAL_FIRST_SEED,
-             batch_size: int = 100) -> float:
-    """Fraction of scenes with seeds first_seed..first_seed+n_scenes-1 that `model` classifies correctly."""
+             batch_size: int = 100, marks: str | None = None) -> float:
+    """Fraction of scenes with seeds first_seed..first_seed+n_scenes-1 that `model` classifies correctly.
+
+    marks: as in ``scene_batch`` (None, "match" or "swap"); the correct class is always the object's.
+    """
     was_training = model.training
     model.eval()
     correct = 0
     for start in range(first_seed, first_seed + n_scenes, batch_size):
-        images, _, labels = scene_batch(range(start, min(start + batch_size, first_seed + n_scenes)))
+        images, _, labels = scene_batch(range(start, min(start + batch_size, first_seed + n_scenes)), marks)
         correct += (model(normalize(images)).argmax(1).numpy() == labels).sum()
     model.train(was_training)
     return float(correct / n_scenes)
@@ -290,12 +343,12 @@ def _save_atomically(state: dict, out_path: Path) -> None:
         raise
 
 
-def _training_set(n: int) -> tuple[np.ndarray, torch.Tensor]:
+def _training_set(n: int, marks: str | None) -> tuple[np.ndarray, torch.Tensor]:
     """Scenes 0..n-1 as uint8 (n, 224, 224, 3) images and int64 (n,) labels, with a progress bar."""
     images = np.empty((n, SCENE_SIZE, SCENE_SIZE, 3), dtype=np.uint8)
     labels = torch.empty(n, dtype=torch.int64)
     for seed in tqdm(range(n), desc="scenes"):
-        images[seed], _, labels[seed], _ = make_scene(seed)
+        images[seed], _, labels[seed], _ = _scene(seed, marks)
     return images, labels
 
 
@@ -323,8 +376,12 @@ def _fit(model: ShapesNet, images: np.ndarray, labels: torch.Tensor, epochs: int
 
 
 def train(out_path: str | os.PathLike = WEIGHTS_PATH, n_train: int = 12_000, epochs: int = 6,
-          seed: int = 0, batch_size: int = 64, lr: float = 5e-3) -> dict:
+          seed: int = 0, batch_size: int = 64, lr: float = 5e-3, marked: bool = False) -> dict:
     """Train ShapesNet on scenes 0..n_train-1 and save its state_dict to `out_path`.
+
+    marked: train on scenes carrying their class's tag (the planted shortcut);
+    the returned dict then also holds ``swapped_accuracy``, on the same 1,000
+    fresh scenes with another class's tag.
 
     Deterministic for a given seed and thread count: scenes are pre-generated into
     memory (~150 kB each, 1.8 GB for the default 12,000), the data order comes from a
@@ -338,16 +395,19 @@ def train(out_path: str | os.PathLike = WEIGHTS_PATH, n_train: int = 12_000, epo
     torch.use_deterministic_algorithms(True)
     try:
         torch.manual_seed(seed)
-        images, labels = _training_set(n_train)
+        marks = "match" if marked else None
+        images, labels = _training_set(n_train, marks)
         model = ShapesNet().to(memory_format=torch.channels_last)  # faster convolutions on CPU
         final_loss = _fit(model, images, labels, epochs, batch_size, lr, seed)
     finally:
         torch.use_deterministic_algorithms(deterministic)
-    acc = accuracy(model)
+    scores = {"accuracy": accuracy(model, marks=marks)}
+    if marked:
+        scores["swapped_accuracy"] = accuracy(model, marks="swap")
     _save_atomically(model.state_dict(), Path(out_path))
     seconds = time.perf_counter() - start
-    print(f"ShapesNet accuracy on 1,000 fresh scenes: {acc:.1%} ({seconds:.0f} s); saved {out_path}")
-    return {"accuracy": acc, "seconds": seconds, "n_params": sum(p.numel() for p in model.parameters()),
+    print(f"ShapesNet {scores} on 1,000 fresh scenes ({seconds:.0f} s); saved {out_path}")
+    return {**scores, "seconds": seconds, "n_params": sum(p.numel() for p in model.parameters()),
             "n_train": n_train, "epochs": epochs, "final_loss": final_loss}
 
 

@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -193,6 +192,19 @@ def test_postprocessing_stages():
     assert de.center_of_mass(np.zeros((10, 10))) is None
 
 
+def test_signed_mean_difference_cancels_and_abs_sum_does_not():
+    x = torch.zeros(1, 3, 8, 8)
+    x_pert = x.clone()
+    x_pert[0, 0, 2, 3], x_pert[0, 1, 2, 3] = 0.5, -0.5  # opposite changes in two channels
+    x_pert[0, 2, 5, 5] = -0.3
+    signed = de.difference_map(x, x_pert)
+    assert signed[2, 3] == 0 and signed[5, 5] == pytest.approx(0.1)  # the seed's mean of x − x_pert
+    absolute = de.difference_map(x, x_pert, "abs-sum")
+    assert absolute[2, 3] == pytest.approx(1.0) and absolute[5, 5] == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="unknown difference 'max'"):
+        de.difference_map(x, x_pert, "max")
+
+
 def test_crop_border_does_not_mutate():
     saliency = np.ones((50, 50))
     de.crop_border(saliency, 0.2)
@@ -212,7 +224,7 @@ def test_saliency_map_points_at_the_changed_region():
 
 def test_seed_preset_is_the_seeds_values():
     seed = dict(kernel_size=3, nblocks=3, nlayers=3, steps=1000, lr=0.01, l1_coeff=1.0,
-                power=6, border=0.1, dilation=20)
+                power=6, border=0.1, dilation=20, difference="signed-mean")
     assert dict(de.PRESETS["seed"]) == seed
     assert de.resolve_hyperparameters() == seed
     assert de.resolve_hyperparameters("seed", steps=5) == {**seed, "steps": 5}
@@ -222,6 +234,7 @@ def test_seed_preset_is_the_seeds_values():
     ({"steps": 0}, "steps"), ({"steps": -3}, "steps"), ({"lr": 0}, "lr"), ({"lr": -0.1}, "lr"),
     ({"border": 0.5}, "border"), ({"dilation": 0}, "dilation"), ({"power": 0}, "power"),
     ({"nlayers": 0}, "nlayers"), ({"momentum": 1}, "unknown hyperparameter"),
+    ({"difference": "max"}, "difference must be one of signed-mean, abs-sum"),
 ])
 def test_bad_hyperparameters_are_named(bad, message):
     with pytest.raises(ValueError, match=message):

@@ -81,3 +81,14 @@ def test_06_applications(tmp_path):
     assert summary["n_images"] == len(summary["rows"]) == 3
     assert [row["label"] for row in summary["rows"]] == ["disk", "ring", "cross"]
     assert all(row["perturbed_score"] < row["original_score"] for row in summary["rows"])
+
+
+def test_07_evaluation(tmp_path):
+    summary = run("07_evaluation.ipynb", tmp_path, methods=["random", "center", "grad-cam", "ours"])
+    assert summary["n_scenes"] == 2 and summary["steps"] == 5
+    assert {"random", "center", "grad-cam", "ours-seed", "ours-no-crop"} <= set(summary["methods"])
+    assert set(summary["pointing"]) == set(summary["deletion"]) == set(summary["methods"])
+    assert all(0 <= v <= 1 for v in [*summary["pointing"].values(), *summary["deletion"].values()])
+    assert summary["sanity_levels"] == ["all 6 layers", "top 3 layers", "top layer"]
+    assert summary["shortcut_accuracy"]["match"] > summary["shortcut_accuracy"]["swap"]
+    assert all(0 <= v <= 1 for v in summary["tag_energy"].values())

@@ -49,3 +49,7 @@ def test_postprocessing_panel_redraws_from_the_stored_result(stored):
     assert panel.image.value != first
     assert panel.result.hyperparameters["dilation"] == 3 and panel.result.losses is stored.losses
     assert (panel.result.saliency > 0).sum() < (stored.saliency > 0).sum()  # a smaller dilation covers less
+    before = panel.image.value
+    panel.controls["difference"].value = "abs-sum"
+    assert panel.image.value != before and panel.result.hyperparameters["difference"] == "abs-sum"
+    assert de.with_postprocessing(panel.result, 6, 0.1, 20).hyperparameters["difference"] == "abs-sum"  # kept

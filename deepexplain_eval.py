@@ -1,0 +1,662 @@
+"""How good is a saliency map? The evaluation harness of deepexplain.
+
+Every method explains the same embedded scenes (:mod:`deepexplain_scenes`,
+which come with the object's ground-truth mask) for the same model, and every
+map goes through the same metrics:
+
+* localization against the object mask: the pointing game (Zhang et al. 2016:
+  the map's maximum within 15 px of the object), the center-of-mass hit (the
+  seed's marker within 8 px of the object) and the energy inside the mask (share
+  of the map's total inside it);
+* faithfulness, without the mask: deletion and insertion AUC (Petsiuk et al.
+  2018): pixels are removed from (inserted into) the image most salient first,
+  2% at a time, removed pixels replaced by a blurred copy, and the area under the
+  target-probability curve is taken over the fraction removed (in [0, 1]; lower
+  is better for deletion, higher for insertion);
+* the model-parameter randomization sanity check (Adebayo et al. 2018): the
+  Spearman rank correlation between the map for the trained model and for
+  copies whose layers are re-initialised from the top down (near 1 = the map
+  ignores the model);
+* a planted shortcut: a second model trained on scenes carrying a class-coloured
+  tag in the corner; how much of each method's map falls on the tag vs on the object.
+
+Methods: a random map, a centered Gaussian, Captum's Saliency,
+IntegratedGradients, Occlusion and LayerGradCam, Fong & Vedaldi's (2017)
+meaningful-perturbation mask (:func:`meaningful_perturbation`, written here),
+and deepexplain with the seed preset plus variants of its post-processing
+(one optimization, several maps).
+
+:func:`evaluate` runs it all and :func:`write_report` writes the tables
+(Markdown and CSV) and a figure grid; ``python deepexplain.py evaluate --help``
+is the command line.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, NamedTuple, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion, Saliency
+from scipy import integrate, ndimage, stats
+from torch import nn
+from torchvision.transforms.functional import gaussian_blur
+from tqdm.auto import tqdm
+
+import deepexplain as de
+import deepexplain_scenes as scenes
+
+__all__ = [
+    "EXPLAIN_FIRST_SEED", "POINTING_TOLERANCE", "COM_TOLERANCE", "METHODS", "METRICS",
+    "pointing_hit", "com_hit", "energy_inside", "blurred", "deletion_insertion_curves", "curve_auc",
+    "center_gaussian", "meaningful_perturbation", "gradcam_layer", "randomized_copy",
+    "rank_correlation", "mean_ci", "Case", "scene_cases", "run_methods", "score_map",
+    "EvaluationResult", "evaluate", "main_table", "sanity_table", "shortcut_table", "report_markdown",
+    "plot_map", "plot_examples", "write_report", "REPORT_DIR",
+]
+
+#: Where the project's own full evaluation run is kept (``python deepexplain.py evaluate --out data/evaluation``).
+REPORT_DIR = Path(__file__).resolve().parent / "data" / "evaluation"
+#: Scenes explained by the evaluation start at this seed (training, accuracy and samples use others).
+EXPLAIN_FIRST_SEED = 30_000_000
+#: Pointing game: the maximum may lie this many pixels outside the object (Zhang et al. 2016).
+POINTING_TOLERANCE = 15
+#: Center-of-mass hit: the marker may lie this many pixels outside the object.
+COM_TOLERANCE = 8
+#: Mask metrics (higher is better) and faithfulness metrics, in table order.
+METRICS = ("pointing", "com_hit", "energy", "deletion", "insertion")
+
+
+# --------------------------------------------------------------------------- localization metrics
+
+def _distance_to(mask: np.ndarray) -> np.ndarray:
+    """H×W float: each pixel's Euclidean distance (px) to the nearest True pixel of ``mask``."""
+    return ndimage.distance_transform_edt(~mask)
+
+
+def _maximum_point(saliency: np.ndarray) -> tuple[int, int] | None:
+    """(row, col) of the map's maximum, or None for a constant map.
+
+    Dilated maps have flat-topped maxima: among all maximal pixels, the one
+    nearest to their mean position is taken (the plateau's middle, not its corner).
+    """
+    if saliency.max() <= saliency.min():
+        return None
+    points = np.argwhere(saliency == saliency.max())
+    nearest = np.argmin(((points - points.mean(0)) ** 2).sum(1))
+    return int(points[nearest, 0]), int(points[nearest, 1])
+
+
+def pointing_hit(saliency: np.ndarray, mask: np.ndarray, tolerance: float = POINTING_TOLERANCE) -> bool:
+    """Pointing game: is the H×W map's maximum within ``tolerance`` px of the H×W bool ``mask``?
+
+    A constant map points nowhere and misses.
+    """
+    point = _maximum_point(saliency)
+    return point is not None and bool(_distance_to(mask)[point] <= tolerance)
+
+
+def com_hit(saliency: np.ndarray, mask: np.ndarray, tolerance: float = COM_TOLERANCE) -> bool:
+    """Is the map's center of mass (the seed's marker) within ``tolerance`` px of the object?
+
+    The distance is measured from the nearest pixel; an all-zero map misses.
+    """
+    com = de.center_of_mass(np.clip(saliency, 0, None))
+    if com is None:
+        return False
+    row, col = (min(max(round(c), 0), n - 1) for c, n in zip(com, mask.shape))
+    return bool(_distance_to(mask)[row, col] <= tolerance)
+
+
+def energy_inside(saliency: np.ndarray, mask: np.ndarray) -> float:
+    """Share in [0, 1] of the map's positive part that lies inside ``mask`` (0 for an all-zero map)."""
+    positive = np.clip(saliency, 0, None)
+    total = positive.sum()
+    return float(positive[mask].sum() / total) if total > 0 else 0.0
+
+
+# --------------------------------------------------------------------------- faithfulness metrics
+
+def blurred(x: torch.Tensor, sigma: float = 10.0) -> torch.Tensor:
+    """A Gaussian-blurred copy (σ in px) of an N×3×H×W tensor: what removed pixels are replaced by."""
+    kernel = 2 * int(2 * sigma) + 1
+    return gaussian_blur(x, [kernel, kernel], [sigma, sigma])
+
+
+def _pixel_ranks(saliency: np.ndarray, seed: int = 0) -> np.ndarray:
+    """H×W int: 0 for the most salient pixel, 1 for the next, …; ties broken by a seeded shuffle."""
+    tie_break = np.random.default_rng(seed).permutation(saliency.size)
+    order = np.lexsort((tie_break, -saliency.ravel()))
+    ranks = np.empty(saliency.size, dtype=np.int64)
+    ranks[order] = np.arange(saliency.size)
+    return ranks.reshape(saliency.shape)
+
+
+@torch.no_grad()
+def deletion_insertion_curves(model: nn.Module, x: torch.Tensor, target: int, saliency: np.ndarray,
+                              n_steps: int = 50, batch_size: int = 26) -> tuple[np.ndarray, np.ndarray]:
+    """Target probabilities as pixels are deleted from / inserted into ``x``, most salient first.
+
+    ``x``: normalized 1×3×H×W; ``saliency``: H×W. Step k of ``n_steps`` has the
+    top k/n_steps of the pixels replaced by :func:`blurred` ``x`` (deletion), or
+    the blurred image with those pixels restored (insertion). Returns two
+    (n_steps + 1,) float arrays in [0, 1], from 0% to 100% of the pixels.
+    """
+    ranks = torch.from_numpy(_pixel_ranks(saliency)).to(x.device)
+    counts = torch.linspace(0, ranks.numel(), n_steps + 1, device=x.device).round()
+    background = blurred(x)
+    deletion, insertion = [], []
+    for chunk in counts.split(batch_size):
+        changed = (ranks[None] < chunk[:, None, None]).unsqueeze(1).to(x.dtype)  # B×1×H×W, 1 = moved
+        deleted = x * (1 - changed) + background * changed
+        inserted = background * (1 - changed) + x * changed
+        probs = de.class_probabilities(model, torch.cat([deleted, inserted]))[:, target]
+        deletion.append(probs[: len(chunk)])
+        insertion.append(probs[len(chunk):])
+    return torch.cat(deletion).cpu().numpy(), torch.cat(insertion).cpu().numpy()
+
+
+def curve_auc(curve: np.ndarray) -> float:
+    """Area under a curve sampled at evenly spaced fractions from 0 to 1 (trapezoid rule), in [0, 1]."""
+    return float(integrate.trapezoid(curve, dx=1 / (len(curve) - 1)))
+
+
+# --------------------------------------------------------------------------- methods
+
+class Case(NamedTuple):
+    """One scene to explain: uint8 H×W×3 ``image``, its normalized 1×3×H×W ``x``, the explained
+    class ``target``, its bool H×W object ``mask`` and a per-scene ``seed`` for random choices."""
+
+    image: np.ndarray
+    x: torch.Tensor
+    target: int
+    mask: np.ndarray
+    seed: int
+
+
+def center_gaussian(shape: tuple[int, int], sigma: float = 0.25) -> np.ndarray:
+    """H×W map of a Gaussian centred on the image, σ = ``sigma`` × side: the trivial center-bias baseline."""
+    rows, cols = (np.arange(n) - (n - 1) / 2 for n in shape)
+    return np.exp(-0.5 * ((rows[:, None] / (sigma * shape[0])) ** 2 + (cols[None] / (sigma * shape[1])) ** 2))
+
+
+def _total_variation(m: torch.Tensor, power: float) -> torch.Tensor:
+    """Mean of |∇m|^power over horizontal and vertical neighbours of an N×1×h×w mask."""
+    return ((m[..., 1:, :] - m[..., :-1, :]).abs() ** power).mean() + \
+        ((m[..., :, 1:] - m[..., :, :-1]).abs() ** power).mean()
+
+
+def meaningful_perturbation(model: nn.Module, x: torch.Tensor, target: int, steps: int = 300,
+                            lr: float = 0.1, area_coeff: float = 1.0, tv_coeff: float = 0.2,
+                            tv_power: float = 3.0, mask_size: int = 28, init: float = 0.5,
+                            jitter: int = 4, seed: int = 0) -> np.ndarray:
+    """Fong & Vedaldi (2017)'s learned deletion mask, as an H×W map in [0, 1] (1 = deleted).
+
+    A ``mask_size``² mask m ∈ [0, 1] (1 = keep), upsampled bilinearly, blends
+    ``x`` with its :func:`blurred` copy: x·m + blur(x)·(1 − m). Adam (``lr``)
+    minimizes p(target) + ``area_coeff``·mean(1 − m) + ``tv_coeff``·TV(m)^``tv_power``,
+    m clamped to [0, 1] after each step, starting from m = ``init`` (from m = 1 a
+    saturated softmax gives no gradient and the mask never moves). Against
+    adversarial masks the blended image is shifted by up to ``jitter`` px each
+    step (seeded by ``seed``), as in the paper. The model is frozen while it runs.
+    """
+    h, w = x.shape[-2:]
+    background = blurred(x)
+    mask = torch.full((1, 1, mask_size, mask_size), float(init), device=x.device, requires_grad=True)
+    optimizer = torch.optim.Adam([mask], lr=lr)
+    shifts = torch.randint(-jitter, jitter + 1, (steps, 2), generator=torch.Generator().manual_seed(seed))
+    with de.frozen(model):
+        for dy, dx in shifts.tolist():
+            m = nn.functional.interpolate(mask, size=(h, w), mode="bilinear", align_corners=False)
+            blended = torch.roll(x * m + background * (1 - m), (dy, dx), dims=(2, 3))
+            probability = torch.softmax(model(blended), dim=1)[0, target]
+            loss = probability + area_coeff * (1 - mask).mean() + tv_coeff * _total_variation(mask, tv_power)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                mask.clamp_(0, 1)
+        m = nn.functional.interpolate(mask.detach(), size=(h, w), mode="bilinear", align_corners=False)
+    return (1 - m)[0, 0].cpu().numpy()
+
+
+def gradcam_layer(model: nn.Module) -> nn.Module:
+    """The layer Grad-CAM reads: the last module of ``model.features`` (torchvision style),
+    else the model's last Conv2d."""
+    features = getattr(model, "features", None)
+    if isinstance(features, nn.Sequential):
+        return features[-1]
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError(f"{type(model).__name__} has no Conv2d layer for Grad-CAM")
+    return convs[-1]
+
+
+def _pixel_map(attribution: torch.Tensor) -> np.ndarray:
+    """1×3×H×W attribution → H×W map: Σ over channels of the absolute values."""
+    return attribution[0].abs().sum(0).detach().cpu().numpy()
+
+
+def _random(loaded, case: Case, steps) -> dict[str, np.ndarray]:
+    return {"random": np.random.default_rng(case.seed).random(case.mask.shape)}
+
+
+def _center(loaded, case: Case, steps) -> dict[str, np.ndarray]:
+    return {"center": center_gaussian(case.mask.shape)}
+
+
+def _saliency(loaded: de.LoadedModel, case: Case, steps) -> dict[str, np.ndarray]:
+    x = case.x.detach().clone().requires_grad_()  # Captum would warn and set it itself
+    return {"saliency": _pixel_map(Saliency(loaded.model).attribute(x, target=case.target))}
+
+
+def _integrated_gradients(loaded: de.LoadedModel, case: Case, steps) -> dict[str, np.ndarray]:
+    attribution = IntegratedGradients(loaded.model).attribute(case.x, baselines=0.0, target=case.target,
+                                                       n_steps=32, internal_batch_size=32)
+    return {"integrated-gradients": _pixel_map(attribution)}
+
+
+def _occlusion(loaded: de.LoadedModel, case: Case, steps) -> dict[str, np.ndarray]:
+    """Drop of the target logit when a 24×24 patch (stride 8) is set to the mean colour; positive part."""
+    attribution = Occlusion(loaded.model).attribute(case.x, sliding_window_shapes=(3, 24, 24), strides=(3, 8, 8),
+                                             baselines=0.0, target=case.target, perturbations_per_eval=64)
+    return {"occlusion": np.clip(attribution[0].mean(0).cpu().numpy(), 0, None)}
+
+
+def _gradcam(loaded: de.LoadedModel, case: Case, steps) -> dict[str, np.ndarray]:
+    cam = LayerGradCam(loaded.model, gradcam_layer(loaded.model)).attribute(case.x, target=case.target,
+                                                                relu_attributions=True)
+    upsampled = LayerAttribution.interpolate(cam, tuple(case.x.shape[-2:]), interpolate_mode="bilinear")
+    return {"grad-cam": upsampled[0, 0].detach().cpu().numpy()}
+
+
+def _fong_vedaldi(loaded: de.LoadedModel, case: Case, steps) -> dict[str, np.ndarray]:
+    return {"fong-vedaldi": meaningful_perturbation(loaded.model, case.x, case.target, seed=case.seed,
+                                                    **({} if steps is None else {"steps": steps}))}
+
+
+#: deepexplain's post-processing variants: name → saliency_map keyword arguments.
+OURS_VARIANTS: Mapping[str, dict] = {
+    "ours-seed": dict(difference="signed-mean", power=6, border=0.1),
+    "ours-no-crop": dict(difference="signed-mean", power=6, border=0.0),
+    "ours-abs-p6": dict(difference="abs-sum", power=6, border=0.1),
+    "ours-abs-p2": dict(difference="abs-sum", power=2, border=0.1),
+    "ours-abs-p1": dict(difference="abs-sum", power=1, border=0.1),
+}
+
+
+def _ours(loaded: de.LoadedModel, case: Case, steps) -> dict[str, np.ndarray]:
+    """deepexplain with the seed preset (generator seed 0); one optimization, every post-processing variant."""
+    result = de.explain(case.image, loaded, preset="seed", target=case.target, verbose=False,
+                        **({} if steps is None else {"steps": steps}))
+    dilation = result.hyperparameters["dilation"]
+    return {name: de.saliency_map(result.input, result.perturbed, dilation=dilation, **options)
+            for name, options in OURS_VARIANTS.items()}
+
+
+#: Explainers by name: f(loaded model, case, steps) → {map name: H×W map}. ``steps`` (None = each
+#: method's default) shortens the optimizing methods, for tests.
+METHODS: Mapping[str, Callable[[de.LoadedModel, Case, int | None], dict[str, np.ndarray]]] = {
+    "random": _random, "center": _center, "saliency": _saliency,
+    "integrated-gradients": _integrated_gradients, "occlusion": _occlusion, "grad-cam": _gradcam,
+    "fong-vedaldi": _fong_vedaldi, "ours": _ours,
+}
+
+
+def run_methods(loaded: de.LoadedModel, case: Case, methods: Sequence[str],
+                 steps: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Every map of every method (names of :data:`METHODS`) for one case, and the seconds each
+    map's method took (the ``ours-*`` maps share one optimization and its time)."""
+    maps, seconds = {}, {}
+    with de.frozen(loaded.model):
+        for method in methods:
+            start = time.perf_counter()
+            produced = METHODS[method](loaded, case, steps)
+            elapsed = time.perf_counter() - start
+            maps.update(produced)
+            seconds.update(dict.fromkeys(produced, elapsed))
+    return maps, seconds
+
+
+# --------------------------------------------------------------------------- sanity check
+
+def _weight_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's Conv2d and Linear layers, output side first."""
+    return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))][::-1]
+
+
+def randomized_copy(model: nn.Module, n_layers: int, seed: int = 0) -> nn.Module:
+    """A copy of ``model`` with its top ``n_layers`` Conv2d/Linear layers re-initialised
+    (cascading randomization, Adebayo et al. 2018); ``model`` itself is untouched."""
+    clone = copy.deepcopy(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for layer in _weight_layers(clone)[:n_layers]:
+            layer.reset_parameters()
+    return clone
+
+
+def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation of two maps' pixels; NaN when either map is constant."""
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(stats.spearmanr(a.ravel(), b.ravel()).statistic)
+
+
+def _sanity_levels(model: nn.Module) -> dict[str, int]:
+    """Cascading levels: label → number of top layers randomized (top layer, top half, all)."""
+    n = len(_weight_layers(model))
+    return {"top layer": 1, f"top {n // 2} layers": n // 2, f"all {n} layers": n}
+
+
+# --------------------------------------------------------------------------- statistics
+
+def mean_ci(values: Sequence[float], confidence: float = 0.95,
+            bounds: tuple[float, float] = (-np.inf, np.inf)) -> tuple[float, float, float]:
+    """(mean, low, high): a Wilson interval for 0/1 values, a Student-t interval otherwise,
+    clipped to ``bounds`` (the values' possible range).
+
+    NaN values are left out; (nan, nan, nan) when none is left.
+    """
+    v = np.asarray(values, dtype=float)
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        return (float("nan"),) * 3
+    mean = float(v.mean())
+    if np.isin(v, (0.0, 1.0)).all():
+        ci = stats.binomtest(int(v.sum()), v.size).proportion_ci(confidence, method="wilson")
+        return mean, float(ci.low), float(ci.high)
+    if v.size < 2:
+        return mean, float("nan"), float("nan")
+    half = stats.sem(v) * stats.t.ppf((1 + confidence) / 2, v.size - 1)
+    return mean, float(max(mean - half, bounds[0])), float(min(mean + half, bounds[1]))
+
+
+# --------------------------------------------------------------------------- the run
+
+@dataclass
+class EvaluationResult:
+    """What :func:`evaluate` measured.
+
+    ``scores``: one dict per (scene, map) with the METRICS and seconds;
+    ``sanity``: one dict per (scene, level, map) with the rank correlation;
+    ``shortcut``: one dict per (scene, map) with the map's share on the tag and
+    on the object and whether its maximum points at either; ``shortcut_accuracy``:
+    the shortcut model's accuracy with matching and with swapped tags;
+    ``examples``: the first scenes' images, masks and maps, for the figure.
+    """
+
+    scores: list[dict]
+    sanity: list[dict] = field(default_factory=list)
+    shortcut: list[dict] = field(default_factory=list)
+    shortcut_accuracy: dict = field(default_factory=dict)
+    examples: list[dict] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+
+def _machine(device: torch.device) -> str:
+    """The hardware the run used, in words: the GPU's name, or the CPU core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{os.cpu_count()} CPU cores, {platform.machine()}"
+
+
+def scene_cases(loaded: de.LoadedModel, seeds: Sequence[int], marks: str | None = None) -> list[Case]:
+    """Scenes ``seeds`` prepared for ``loaded`` (``marks="match"``: with their class's tag).
+
+    The target of each Case is the model's top class, the class the method explains.
+    """
+    cases = []
+    for seed in seeds:
+        scene = scenes.make_marked_scene(seed) if marks == "match" else scenes.make_scene(seed)
+        x = loaded.preprocessing(scene.image, device=loaded.device)
+        target = int(de.class_probabilities(loaded.model, x).argmax())
+        cases.append(Case(scene.image, x, target, scene.mask, seed))
+    return cases
+
+
+def score_map(model: nn.Module, case: Case, saliency: np.ndarray) -> dict[str, float]:
+    """Every metric of :data:`METRICS` for one H×W map of ``case`` (hits as 0.0 / 1.0)."""
+    deletion, insertion = deletion_insertion_curves(model, case.x, case.target, saliency)
+    return {"pointing": float(pointing_hit(saliency, case.mask)), "com_hit": float(com_hit(saliency, case.mask)),
+            "energy": energy_inside(saliency, case.mask), "deletion": curve_auc(deletion),
+            "insertion": curve_auc(insertion)}
+
+
+def _main_scores(loaded, cases, methods, steps, n_examples, progress) -> tuple[list[dict], list[dict]]:
+    scores, examples = [], []
+    for i, case in enumerate(tqdm(cases, desc="scenes", disable=not progress)):
+        maps, seconds = run_methods(loaded, case, methods, steps)
+        for name, saliency in maps.items():
+            scores.append({"seed": case.seed, "method": name, "target": case.target,
+                           **score_map(loaded.model, case, saliency), "seconds": seconds[name]})
+        if i < n_examples:
+            examples.append({"image": case.image, "mask": case.mask, "maps": maps})
+    return scores, examples
+
+
+def _sanity_scores(loaded, cases, methods, steps, progress) -> list[dict]:
+    rows = []
+    for case in tqdm(cases, desc="sanity check", disable=not progress):
+        trained, _ = run_methods(loaded, case, methods, steps)
+        for level, n_layers in _sanity_levels(loaded.model).items():
+            randomized = de.LoadedModel(randomized_copy(loaded.model, n_layers), loaded.preprocessing,
+                                        loaded.labels, loaded.name)
+            maps, _ = run_methods(randomized, case, methods, steps)
+            rows += [{"seed": case.seed, "level": level, "method": name,
+                      "spearman": rank_correlation(trained[name], maps[name])} for name in maps]
+    return rows
+
+
+def _shortcut_scores(loaded, cases, methods, steps, progress) -> list[dict]:
+    tag = scenes.mark_mask()
+    rows = []
+    for case in tqdm(cases, desc="shortcut", disable=not progress):
+        maps, _ = run_methods(loaded, case, methods, steps)
+        rows += [{"seed": case.seed, "method": name, "target": case.target,
+                  "on_tag": energy_inside(saliency, tag), "on_object": energy_inside(saliency, case.mask),
+                  "points_at_tag": float(pointing_hit(saliency, tag)),
+                  "points_at_object": float(pointing_hit(saliency, case.mask))}
+                 for name, saliency in maps.items()]
+    return rows
+
+
+def evaluate(n_scenes: int = 100, model: str | nn.Module | de.LoadedModel = "shapes",
+             methods: Sequence[str] | None = None, *, first_seed: int = EXPLAIN_FIRST_SEED,
+             steps: int | None = None, sanity_scenes: int = 5, shortcut_scenes: int = 20,
+             accuracy_scenes: int = 500, n_examples: int = 4, device: str | None = None,
+             progress: bool = True) -> EvaluationResult:
+    """Explain scenes ``first_seed`` … ``first_seed + n_scenes − 1`` with every method and score every map.
+
+    ``methods``: names from :data:`METHODS` (default: all). The first
+    ``sanity_scenes`` scenes also go through the randomization sanity check,
+    and ``shortcut_scenes`` scenes with their class's tag are explained for the
+    planted-shortcut model (0 skips either part). ``steps`` overrides the
+    optimizing methods' step counts (for quick runs; None = their defaults).
+    """
+    methods = list(METHODS) if methods is None else list(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s): {', '.join(unknown)} (known: {', '.join(METHODS)})")
+    for name, value in (("n_scenes", n_scenes), ("sanity_scenes", sanity_scenes),
+                        ("shortcut_scenes", shortcut_scenes)):
+        if int(value) != value or value < (1 if name == "n_scenes" else 0):
+            raise ValueError(f"{name} must be a whole number ≥ {1 if name == 'n_scenes' else 0}, got {value}")
+    loaded = de.load_model(model, device=device)
+    cases = scene_cases(loaded, range(first_seed, first_seed + n_scenes))
+    scores, examples = _main_scores(loaded, cases, methods, steps, n_examples, progress)
+    result = EvaluationResult(scores, examples=examples, settings={
+        "n_scenes": n_scenes, "first_seed": first_seed, "model": loaded.name, "methods": methods,
+        "steps": steps, "device": str(loaded.device), "threads": torch.get_num_threads(),
+        "machine": _machine(loaded.device)})
+    if sanity_scenes:
+        result.sanity = _sanity_scores(loaded, cases[:sanity_scenes], methods, steps, progress)
+    if shortcut_scenes:
+        shortcut = de.load_model("shapes", device=device, weights_path=scenes.SHORTCUT_WEIGHTS_PATH)
+        result.shortcut_accuracy = {marks: scenes.accuracy(shortcut.model, accuracy_scenes, marks=marks)
+                                    for marks in ("match", "swap")}
+        shortcut_cases = scene_cases(shortcut, range(first_seed, first_seed + shortcut_scenes), marks="match")
+        result.shortcut = _shortcut_scores(shortcut, shortcut_cases, methods, steps, progress)
+    return result
+
+
+# --------------------------------------------------------------------------- report
+
+#: Possible range of each scored value (default [0, 1]), to clip confidence intervals to.
+_RANGES = {"spearman": (-1.0, 1.0), "seconds": (0.0, np.inf)}
+
+
+def _summary_rows(rows: list[dict], keys: Sequence[str], group: str = "method") -> list[dict]:
+    """One row per value of ``group`` (first-seen order) with mean, low and high of each key."""
+    out = []
+    for name in dict.fromkeys(r[group] for r in rows):
+        mine = [r for r in rows if r[group] == name]
+        row = {group: name, "n": len(mine)}
+        for key in keys:
+            bounds = _RANGES.get(key, (0.0, 1.0))
+            row[key], row[f"{key}_low"], row[f"{key}_high"] = mean_ci([r[key] for r in mine], bounds=bounds)
+        out.append(row)
+    return out
+
+
+def _fmt(row: dict, key: str) -> str:
+    mean, low, high = row[key], row[f"{key}_low"], row[f"{key}_high"]
+    if np.isnan(mean):
+        return "n/a"
+    return f"{mean:.2f}" if np.isnan(low) else f"{mean:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def _markdown_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+    rows = [header, ["---"] * len(header), *lines]
+    return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in rows)
+
+
+def main_table(result: EvaluationResult) -> str:
+    """Markdown: methods × metrics, mean [95% CI], plus mean seconds per explanation."""
+    summary = _summary_rows(result.scores, (*METRICS, "seconds"))
+    header = ["method", "pointing ↑", "center-of-mass hit ↑", "energy in mask ↑", "deletion AUC ↓",
+              "insertion AUC ↑", "s / explanation"]
+    return _markdown_table(header, [[r["method"], *(_fmt(r, k) for k in METRICS), f"{r['seconds']:.2f}"]
+                                    for r in summary])
+
+
+def sanity_table(result: EvaluationResult) -> str:
+    """Markdown: methods × randomization levels, mean Spearman correlation with the trained model's map."""
+    levels = list(dict.fromkeys(r["level"] for r in result.sanity))
+    methods = list(dict.fromkeys(r["method"] for r in result.sanity))
+    cells = {(r["method"], r["level"]): r for level in levels for r in
+             _summary_rows([s for s in result.sanity if s["level"] == level], ["spearman"])
+             for r in [dict(r, level=level)]}
+    return _markdown_table(["method", *(f"{lvl} randomized" for lvl in levels)],
+                           [[m, *(_fmt(cells[m, lvl], "spearman") for lvl in levels)] for m in methods])
+
+
+def shortcut_table(result: EvaluationResult) -> str:
+    """Markdown: per method, share of the map on the tag and on the object, and where its maximum points."""
+    keys = ("on_tag", "on_object", "points_at_tag", "points_at_object")
+    summary = _summary_rows(result.shortcut, keys)
+    return _markdown_table(["method", "energy on tag", "energy on object", "max on tag", "max on object"],
+                           [[r["method"], *(_fmt(r, k) for k in keys)] for r in summary])
+
+
+def report_markdown(result: EvaluationResult, command: str = "") -> str:
+    """The whole report: settings, main table, sanity check and shortcut tables, as Markdown."""
+    s = result.settings
+    steps = "their default step counts" if s["steps"] is None else f"{s['steps']} steps"
+    parts = [f"## deepexplain evaluation\n\n{s['n_scenes']} scenes (seeds {s['first_seed']}…), model "
+             f"`{s['model']}`, {s['device']} ({s['threads']} threads, {s['machine']}); "
+             f"optimizing methods at {steps}."
+             + (f"\n\nReproduce: `{command}`" if command else ""),
+             "### Localization and faithfulness\n\nMean [95% CI]: Wilson for hit rates, Student t otherwise.\n\n"
+             + main_table(result)]
+    if result.sanity:
+        n = len({r["seed"] for r in result.sanity})
+        parts.append(f"### Sanity check: model-parameter randomization ({n} scenes)\n\nSpearman rank "
+                     "correlation between the map for the trained model and for a copy with its top layers "
+                     "re-initialised; near 1 means the map does not depend on the model. n/a: the map was "
+                     "constant for every randomized copy (nothing to rank), i.e. it did change.\n\n"
+                     + sanity_table(result))
+    if result.shortcut:
+        acc = result.shortcut_accuracy
+        n = len({r["seed"] for r in result.shortcut})
+        parts.append(f"### Planted shortcut ({n} scenes with their class's tag)\n\nThe shortcut model's "
+                     f"accuracy: {acc['match']:.1%} with matching tags, {acc['swap']:.1%} with another "
+                     f"class's tag. The tag covers {scenes.mark_mask().mean():.2%} of the image, inside the "
+                     "seed's 10% border crop.\n\n" + shortcut_table(result))
+    return "\n\n".join(parts) + "\n"
+
+
+def plot_map(saliency: np.ndarray, mask: np.ndarray, ax=None, title: str = "",
+             marker_size: float = 8) -> plt.Figure:
+    """Draw an H×W map with the object's outline (cyan), its maximum (×, pointing game) and its
+    center of mass (+, the seed's marker); ``ax`` defaults to a new figure."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(3, 3))
+    ax.imshow(saliency, cmap="inferno")
+    ax.contour(mask, levels=[0.5], colors="cyan", linewidths=0.6)
+    point, com = _maximum_point(saliency), de.center_of_mass(np.clip(saliency, 0, None))
+    if point is not None:
+        ax.plot(point[1], point[0], "x", color="lime", markersize=marker_size)
+    if com is not None:
+        ax.plot(com[1], com[0], "+", color="white", markersize=marker_size)
+    ax.set_title(title, fontsize=8)
+    ax.set_xticks([]), ax.set_yticks([])
+    return ax.figure
+
+
+def plot_examples(result: EvaluationResult) -> plt.Figure:
+    """Figure grid: one row per example scene, the scene then each method's map (see :func:`plot_map`)."""
+    names = list(result.examples[0]["maps"])
+    fig, axes = plt.subplots(len(result.examples), len(names) + 1, squeeze=False,
+                             figsize=(1.3 * (len(names) + 1), 1.4 * len(result.examples)))
+    for row, example in zip(axes, result.examples):
+        row[0].imshow(example["image"])
+        row[0].contour(example["mask"], levels=[0.5], colors="cyan", linewidths=0.6)
+        row[0].set_xticks([]), row[0].set_yticks([])
+        for ax, name in zip(row[1:], names):
+            plot_map(example["maps"][name], example["mask"], ax, marker_size=5)
+    for ax, title in zip(axes[0], ["scene", *names]):
+        ax.set_title(title, fontsize=7)
+    fig.tight_layout(pad=0.3)
+    return fig
+
+
+def _csv_bytes(rows: list[dict]) -> bytes:
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return buffer.getvalue().encode()
+
+
+def write_report(result: EvaluationResult, out_dir: str | Path, command: str = "") -> list[Path]:
+    """Write evaluation.md, evaluation.csv (summary), scores.csv (per scene and map), sanity.csv,
+    shortcut.csv and evaluation_grid.jpg into ``out_dir``, each whole or not at all."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {
+        "evaluation.md": report_markdown(result, command).encode(),
+        "evaluation.csv": _csv_bytes(_summary_rows(result.scores, (*METRICS, "seconds"))),
+        "scores.csv": _csv_bytes(result.scores),
+        "sanity.csv": _csv_bytes(result.sanity),
+        "shortcut.csv": _csv_bytes(result.shortcut),
+    }
+    fig = plot_examples(result)
+    writers = {out_dir / name: (lambda f, data=data: f.write(data)) for name, data in files.items()}
+    writers[out_dir / "evaluation_grid.jpg"] = lambda f: fig.savefig(f, format="jpeg", dpi=110,
+                                                                    pil_kwargs={"quality": 85})
+    try:
+        de._write_atomically(writers)
+    finally:
+        plt.close(fig)
+    return list(writers)
