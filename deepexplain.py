@@ -1050,10 +1050,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> None:
     if args.shortcut:
-        out = args.out or scenes.SHORTCUT_WEIGHTS_PATH
-        print(json.dumps(scenes.train(out, **scenes.SHORTCUT_TRAINING, marked=True), indent=2))
+        out, options = scenes.SHORTCUT_WEIGHTS_PATH, {**scenes.SHORTCUT_TRAINING, "marked": True}
     else:
-        print(json.dumps(scenes.train(args.out or scenes.WEIGHTS_PATH), indent=2))
+        out, options = scenes.WEIGHTS_PATH, {}
+    print(json.dumps(scenes.train(args.out or out, **options), indent=2))
 
 
 def _evaluate(args: argparse.Namespace, argv: Sequence[str]) -> None:

@@ -411,13 +411,14 @@ def _machine(device: torch.device) -> str:
 
 
 def scene_cases(loaded: de.LoadedModel, seeds: Sequence[int], marks: str | None = None) -> list[Case]:
-    """Scenes ``seeds`` prepared for ``loaded`` (``marks="match"``: with their class's tag).
+    """Scenes ``seeds`` prepared for ``loaded``; ``marks`` as in
+    :func:`deepexplain_scenes.make_scene_with_marks`.
 
     The target of each Case is the model's top class, the class the method explains.
     """
     cases = []
     for seed in seeds:
-        scene = scenes.make_marked_scene(seed) if marks == "match" else scenes.make_scene(seed)
+        scene = scenes.make_scene_with_marks(seed, marks)
         x = loaded.preprocessing(scene.image, device=loaded.device)
         target = int(de.class_probabilities(loaded.model, x).argmax())
         cases.append(Case(scene.image, x, target, scene.mask, seed))
@@ -432,25 +433,28 @@ def score_map(model: nn.Module, case: Case, saliency: np.ndarray) -> dict[str, f
             "insertion": curve_auc(insertion)}
 
 
-def _main_scores(loaded, cases, methods, steps, n_examples, progress) -> tuple[list[dict], list[dict]]:
-    scores, examples = [], []
-    for i, case in enumerate(tqdm(cases, desc="scenes", disable=not progress)):
+def _main_scores(loaded, cases, methods, steps, n_kept,
+                 progress) -> tuple[list[dict], list[dict[str, np.ndarray]]]:
+    """Scores of every map of every case, and the maps of the first ``n_kept`` cases."""
+    scores, kept = [], []
+    for case in tqdm(cases, desc="scenes", disable=not progress):
         maps, seconds = run_methods(loaded, case, methods, steps)
         for name, saliency in maps.items():
             scores.append({"seed": case.seed, "method": name, "target": case.target,
                            **score_map(loaded.model, case, saliency), "seconds": seconds[name]})
-        if i < n_examples:
-            examples.append({"image": case.image, "mask": case.mask, "maps": maps})
-    return scores, examples
+        if len(kept) < n_kept:
+            kept.append(maps)
+    return scores, kept
 
 
-def _sanity_scores(loaded, cases, methods, steps, progress) -> list[dict]:
+def _sanity_scores(loaded, cases, trained_maps, methods, steps, progress) -> list[dict]:
+    """Rank correlations between each case's trained-model maps and those of every randomization level."""
+    levels = {level: de.LoadedModel(randomized_copy(loaded.model, n_layers), loaded.preprocessing,
+                                    loaded.labels, loaded.name)
+              for level, n_layers in _sanity_levels(loaded.model).items()}
     rows = []
-    for case in tqdm(cases, desc="sanity check", disable=not progress):
-        trained, _ = run_methods(loaded, case, methods, steps)
-        for level, n_layers in _sanity_levels(loaded.model).items():
-            randomized = de.LoadedModel(randomized_copy(loaded.model, n_layers), loaded.preprocessing,
-                                        loaded.labels, loaded.name)
+    for case, trained in zip(tqdm(cases, desc="sanity check", disable=not progress), trained_maps):
+        for level, randomized in levels.items():
             maps, _ = run_methods(randomized, case, methods, steps)
             rows += [{"seed": case.seed, "level": level, "method": name,
                       "spearman": rank_correlation(trained[name], maps[name])} for name in maps]
@@ -487,19 +491,21 @@ def evaluate(n_scenes: int = 100, model: str | nn.Module | de.LoadedModel = "sha
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s): {', '.join(unknown)} (known: {', '.join(METHODS)})")
-    for name, value in (("n_scenes", n_scenes), ("sanity_scenes", sanity_scenes),
-                        ("shortcut_scenes", shortcut_scenes)):
-        if int(value) != value or value < (1 if name == "n_scenes" else 0):
-            raise ValueError(f"{name} must be a whole number ≥ {1 if name == 'n_scenes' else 0}, got {value}")
+    for name, value, least in (("n_scenes", n_scenes, 1), ("sanity_scenes", sanity_scenes, 0),
+                               ("shortcut_scenes", shortcut_scenes, 0)):
+        if int(value) != value or value < least:
+            raise ValueError(f"{name} must be a whole number ≥ {least}, got {value}")
     loaded = de.load_model(model, device=device)
     cases = scene_cases(loaded, range(first_seed, first_seed + n_scenes))
-    scores, examples = _main_scores(loaded, cases, methods, steps, n_examples, progress)
+    scores, kept = _main_scores(loaded, cases, methods, steps, max(n_examples, sanity_scenes), progress)
+    examples = [{"image": case.image, "mask": case.mask, "maps": maps}
+                for case, maps in zip(cases, kept[:n_examples])]
     result = EvaluationResult(scores, examples=examples, settings={
         "n_scenes": n_scenes, "first_seed": first_seed, "model": loaded.name, "methods": methods,
         "steps": steps, "device": str(loaded.device), "threads": torch.get_num_threads(),
         "machine": _machine(loaded.device)})
     if sanity_scenes:
-        result.sanity = _sanity_scores(loaded, cases[:sanity_scenes], methods, steps, progress)
+        result.sanity = _sanity_scores(loaded, cases[:sanity_scenes], kept, methods, steps, progress)
     if shortcut_scenes:
         shortcut = de.load_model("shapes", device=device, weights_path=scenes.SHORTCUT_WEIGHTS_PATH)
         result.shortcut_accuracy = {marks: scenes.accuracy(shortcut.model, accuracy_scenes, marks=marks)
@@ -553,9 +559,10 @@ def sanity_table(result: EvaluationResult) -> str:
     """Markdown: methods × randomization levels, mean Spearman correlation with the trained model's map."""
     levels = list(dict.fromkeys(r["level"] for r in result.sanity))
     methods = list(dict.fromkeys(r["method"] for r in result.sanity))
-    cells = {(r["method"], r["level"]): r for level in levels for r in
-             _summary_rows([s for s in result.sanity if s["level"] == level], ["spearman"])
-             for r in [dict(r, level=level)]}
+    cells = {}
+    for level in levels:
+        for row in _summary_rows([r for r in result.sanity if r["level"] == level], ["spearman"]):
+            cells[row["method"], level] = row
     return _markdown_table(["method", *(f"{lvl} randomized" for lvl in levels)],
                            [[m, *(_fmt(cells[m, lvl], "spearman") for lvl in levels)] for m in methods])
 

@@ -58,7 +58,8 @@ from tqdm.auto import tqdm
 __all__ = [
     "CLASS_NAMES", "SCENE_SIZE", "MARGIN", "SIZE_RANGE", "MEAN", "STD",
     "WEIGHTS_PATH", "SHORTCUT_WEIGHTS_PATH", "SHORTCUT_TRAINING", "SAMPLES_DIR", "EVAL_FIRST_SEED", "SAMPLE_FIRST_SEED",
-    "MARK_ROWS", "MARK_COLS", "MARK_COLOURS", "Scene", "make_scene", "mark_mask", "make_marked_scene", "scene_batch", "normalize", "ShapesNet",
+    "MARK_ROWS", "MARK_COLS", "MARK_COLOURS", "Scene", "make_scene", "drawn_label", "mark_mask",
+    "make_marked_scene", "swapped_mark", "make_scene_with_marks", "scene_batch", "normalize", "ShapesNet",
     "load_shapes_model", "accuracy", "train", "save_samples", "load_sample",
 ]
 
@@ -201,6 +202,11 @@ def _draw_object(image: np.ndarray, label: int, rng: np.random.Generator) -> np.
     return mask
 
 
+def drawn_label(seed: int) -> int:
+    """The class ``make_scene(seed)`` draws, without rendering the scene."""
+    return int(np.random.default_rng(seed).integers(len(CLASS_NAMES)))
+
+
 def make_scene(seed: int, label: int | None = None) -> Scene:
     """Render the scene for `seed` (deterministic).
 
@@ -209,7 +215,7 @@ def make_scene(seed: int, label: int | None = None) -> Scene:
     object, which lies inside pixels 22..201), label int, name str.
     """
     rng = np.random.default_rng(seed)
-    drawn = int(rng.integers(len(CLASS_NAMES)))
+    drawn = int(rng.integers(len(CLASS_NAMES)))  # first draw, always made: see drawn_label
     label = drawn if label is None else int(label)
     image = _background(rng)
     mask = _draw_object(image, label, rng)
@@ -240,15 +246,14 @@ def swapped_mark(seed: int, label: int) -> int:
     return (label + 1 + seed % (len(CLASS_NAMES) - 1)) % len(CLASS_NAMES)
 
 
-def _scene(seed: int, marks: str | None) -> Scene:
+def make_scene_with_marks(seed: int, marks: str | None = None) -> Scene:
     """Scene ``seed`` without a tag (marks=None), with its own class's tag ("match") or another's ("swap")."""
     if marks is None:
         return make_scene(seed)
     if marks == "match":
         return make_marked_scene(seed)
     if marks == "swap":
-        label = make_scene(seed).label
-        return make_marked_scene(seed, mark_label=swapped_mark(seed, label))
+        return make_marked_scene(seed, mark_label=swapped_mark(seed, drawn_label(seed)))
     raise ValueError(f"marks must be None, 'match' or 'swap', got {marks!r}")
 
 
@@ -257,7 +262,7 @@ def scene_batch(seeds, marks: str | None = None) -> tuple[np.ndarray, np.ndarray
 
     marks: None (plain scenes), "match" (each with its class's tag) or "swap" (another class's tag).
     """
-    scenes = [_scene(int(s), marks) for s in seeds]
+    scenes = [make_scene_with_marks(int(s), marks) for s in seeds]
     return (np.stack([s.image for s in scenes]), np.stack([s.mask for s in scenes]),
             np.array([s.label for s in scenes], dtype=np.int64))
 
@@ -348,7 +353,7 @@ def _training_set(n: int, marks: str | None) -> tuple[np.ndarray, torch.Tensor]:
     images = np.empty((n, SCENE_SIZE, SCENE_SIZE, 3), dtype=np.uint8)
     labels = torch.empty(n, dtype=torch.int64)
     for seed in tqdm(range(n), desc="scenes"):
-        images[seed], _, labels[seed], _ = _scene(seed, marks)
+        images[seed], _, labels[seed], _ = make_scene_with_marks(seed, marks)
     return images, labels
 
 
