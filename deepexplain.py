@@ -23,9 +23,12 @@ Stages, each a function of its own: :func:`read_image` → :class:`Preprocessing
 :func:`optimize_perturbation` → :func:`difference_map`, :func:`sharpen`,
 :func:`crop_border`, :func:`dilate`, :func:`center_of_mass` → plots
 (:func:`plot_panels`, :func:`plot_overlay`, :func:`plot_history`).
-:func:`explain` runs them all; the ``*_panel`` functions build the notebooks'
-widgets; ``python deepexplain.py --help`` shows the command line. The embedded
-scenes and their model live in :mod:`deepexplain_scenes`.
+:func:`explain` runs them all (``preset="fast"`` for the project's fast
+configuration), :func:`explain_batch` several images in one optimization; the
+``*_panel`` functions build the notebooks' widgets; ``python deepexplain.py
+--help`` shows the command line. The embedded scenes and their model live in
+:mod:`deepexplain_scenes`, the evaluation harness in :mod:`deepexplain_eval`,
+the speed benchmark in :mod:`deepexplain_bench`.
 """
 
 from __future__ import annotations
@@ -60,13 +63,14 @@ from tqdm.auto import tqdm
 import deepexplain_scenes as scenes
 
 __all__ = [
-    "SEED_PRESET", "PRESETS", "DEFAULTS", "AUTO_MODEL", "OFFLINE_ENV",
+    "SEED_PRESET", "FAST_PRESET", "PRESETS", "DEFAULTS", "AUTO_MODEL", "OFFLINE_ENV",
     "load_image", "read_image", "to_rgb_uint8", "Preprocessing", "channel_mean",
     "LoadedModel", "load_model", "frozen", "resolve_device",
     "Prediction", "class_probabilities", "assess", "format_predictions",
-    "PerturbationGenerator", "OptimizationResult", "optimize_perturbation",
+    "PerturbationGenerator", "OptimizationResult", "optimize_perturbation", "optimize_perturbations",
+    "PRECISIONS", "STOP_PROBABILITY", "STOP_IMPROVEMENT", "converged",
     "DIFFERENCES", "difference_map", "sharpen", "crop_border", "dilate", "center_of_mass",
-    "saliency_map", "resolve_hyperparameters", "Explanation", "explain",
+    "saliency_map", "resolve_hyperparameters", "Explanation", "explain", "explain_batch",
     "with_postprocessing", "plot_panels", "plot_overlay", "plot_history", "plot_tensors",
     "figure_to_png", "Panel", "generator_panel", "optimization_panel", "postprocessing_panel",
     "save_outputs", "main",
@@ -75,12 +79,20 @@ __all__ = [
 #: The seed's hyperparameters, exactly (section 3.1 of the seed document).
 SEED_PRESET: Mapping[str, float | int | str] = MappingProxyType(dict(
     kernel_size=3, nblocks=3, nlayers=3, steps=1000, lr=0.01, l1_coeff=1.0,
-    power=6, border=0.1, dilation=20, difference="signed-mean",
+    power=6, border=0.1, dilation=20, difference="signed-mean", patience=0, precision="fp32",
 ))
 #: How :func:`difference_map` reduces the three channels to one map (the seed's first).
 DIFFERENCES = ("signed-mean", "abs-sum")
+#: Arithmetic of the optimization's forward passes: fp32, or bfloat16 autocast.
+PRECISIONS = ("fp32", "bf16")
+#: The project's fast configuration (README, "Performance"): the seed's generator and loss, a 3× larger
+#: learning rate, at most 300 steps with the stopping rule of :func:`converged`, bfloat16 autocast.
+FAST_PRESET: Mapping[str, float | int | str] = MappingProxyType(dict(
+    SEED_PRESET, lr=0.03, steps=300, patience=20, precision="bf16",
+))
 #: Named hyperparameter sets for ``explain(preset=...)``.
-PRESETS: Mapping[str, Mapping[str, float | int | str]] = MappingProxyType({"seed": SEED_PRESET})
+PRESETS: Mapping[str, Mapping[str, float | int | str]] = MappingProxyType({"seed": SEED_PRESET,
+                                                                           "fast": FAST_PRESET})
 #: What ``explain`` uses when neither a preset nor a value is given.
 DEFAULTS = SEED_PRESET
 
@@ -486,26 +498,52 @@ class PerturbationGenerator(nn.Module):
     keeps H×W; an even ``kernel_size`` is made odd with a warning. Unlike the
     seed, a constant ReLU output (e.g. all zeros) does not divide by zero: it
     maps to the input's minimum, so the output is always finite.
+
+    With ``copies`` n > 1 it holds n independent generators in one grouped
+    convolution (weights 3n×3×k×k, ``groups=n``) and takes exactly n images:
+    image i goes through generator i only (with one copy, every image of a
+    batch goes through the same generator), so one optimization explains n images as n
+    separate runs would. :meth:`stack` builds one from single generators.
     """
 
-    def __init__(self, kernel_size: int = 3, nblocks: int = 3, nlayers: int = 3):
+    def __init__(self, kernel_size: int = 3, nblocks: int = 3, nlayers: int = 3, copies: int = 1):
         super().__init__()
-        for arg, value in (("nblocks", nblocks), ("nlayers", nlayers)):
+        for arg, value in (("nblocks", nblocks), ("nlayers", nlayers), ("copies", copies)):
             if int(value) != value or value < 1:
                 raise ValueError(f"{arg} must be a positive integer, got {value}")
         kernel_size = _odd_kernel_size(kernel_size)
-        self.conv = nn.Conv2d(3, 3, kernel_size, padding=kernel_size // 2)
-        self.nblocks, self.nlayers = int(nblocks), int(nlayers)
+        self.conv = nn.Conv2d(3 * copies, 3 * copies, kernel_size, padding=kernel_size // 2, groups=copies)
+        self.nblocks, self.nlayers, self.copies = int(nblocks), int(nlayers), int(copies)
+
+    @classmethod
+    def stack(cls, generators: Sequence[PerturbationGenerator]) -> PerturbationGenerator:
+        """One generator with ``len(generators)`` copies, copy i holding ``generators[i]``'s weights."""
+        first = generators[0]
+        stacked = first._with_copies(len(generators))
+        with torch.no_grad():
+            stacked.conv.weight.copy_(torch.cat([g.conv.weight for g in generators]))
+            stacked.conv.bias.copy_(torch.cat([g.conv.bias for g in generators]))
+        return stacked
+
+    def _with_copies(self, copies: int) -> PerturbationGenerator:
+        """A generator of the same shape with ``copies`` copies, on the same device; the global RNG is untouched."""
+        with torch.random.fork_rng(devices=[]):
+            fresh = PerturbationGenerator(self.conv.kernel_size[0], self.nblocks, self.nlayers, copies)
+        return fresh.to(self.conv.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        if self.copies > 1 and n != self.copies:
+            raise ValueError(f"this generator holds {self.copies} copies; it cannot perturb a batch of {n}")
         lo = x.amin(dim=(1, 2, 3), keepdim=True)
         hi = x.amax(dim=(1, 2, 3), keepdim=True)
-        y = x
+        grouped = self.copies > 1
+        y = x.reshape(1, 3 * n, h, w) if grouped else x  # the copies side by side as channel groups
         for _ in range(self.nblocks):
             for _ in range(self.nlayers):
                 y = self.conv(y)
             y = torch.relu(y)
-        return lo + (hi - lo) * _unit_range(y)
+        return lo + (hi - lo) * _unit_range(y.reshape(n, 3, h, w) if grouped else y)
 
 
 def _unit_range(y: torch.Tensor) -> torch.Tensor:
@@ -546,44 +584,144 @@ class OptimizationResult:
 
 def optimize_perturbation(model: nn.Module, x: torch.Tensor, generator: PerturbationGenerator,
                           target: int, steps: int = 1000, lr: float = 0.01, l1_coeff: float = 1.0,
-                          progress: bool = True,
+                          patience: int = 0, precision: str = "fp32", progress: bool = True,
                           callback: Callable[[int, float], None] | None = None) -> OptimizationResult:
     """Train ``generator`` so that ``model`` loses confidence in ``target`` on ``generator(x)``.
 
     The seed's loss: softmax probability of ``target`` + ``l1_coeff`` ·
     mean|x − x_pert|, minimized with Adam (``lr``) over the generator's
-    parameters only, for ``steps`` steps. ``x`` is a normalized 1×3×H×W tensor;
-    the work runs on its device (the generator is moved there). The model is
-    frozen for the duration and restored afterwards. ``callback(step, probability)``,
-    when given, is called after every step (step counts from 1), e.g. to drive a
-    progress widget.
+    parameters only, for ``steps`` steps — or fewer with ``patience`` > 0 (see
+    :func:`converged`). ``x`` is a normalized 1×3×H×W tensor; the work runs on
+    its device (the generator is moved there). The model is frozen for the
+    duration and restored afterwards. ``callback(step, probability)``, when
+    given, is called after every step (step counts from 1), e.g. to drive a
+    progress widget. :func:`optimize_perturbations` does the same for a batch.
     """
-    generator.to(x.device)
+    on_step = None if callback is None else (lambda step, probabilities: callback(step, float(probabilities[0])))
+    return optimize_perturbations(model, x, generator, [target], steps, lr, l1_coeff, patience, precision,
+                                  progress, on_step)[0]
+
+
+def optimize_perturbations(model: nn.Module, x: torch.Tensor, generator: PerturbationGenerator,
+                           targets: Sequence[int], steps: int = 1000, lr: float = 0.01, l1_coeff: float = 1.0,
+                           patience: int = 0, precision: str = "fp32", progress: bool = True,
+                           callback: Callable[[int, np.ndarray], None] | None = None) -> list[OptimizationResult]:
+    """:func:`optimize_perturbation` for n images at once: one result per image, in order.
+
+    ``x`` is n×3×H×W, ``targets`` n class indices, ``generator`` holds n copies
+    (:meth:`PerturbationGenerator.stack`). The summed loss of the n images is
+    minimized; image i's loss depends on copy i only and Adam works element by
+    element, so image i gets the result of a separate run (up to floating-point
+    rounding). With ``patience`` > 0 each image stops at the first step where
+    :func:`converged` holds for it, and its copy leaves the batch. With
+    ``precision="bf16"`` the forward passes run under ``torch.autocast`` in
+    bfloat16; the final perturbed images and their scores are computed in fp32.
+    A result's ``seconds`` is the wall time from the start until that image
+    finished. ``callback(step, probabilities)`` gets the target probabilities
+    of the images still running.
+    """
+    n = x.shape[0]
+    if len(targets) != n or generator.copies != n:
+        raise ValueError(f"{n} images need {n} targets and a generator with {n} copies, "
+                         f"got {len(targets)} and {generator.copies}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
+    generator = _on_device_of(generator.to(x.device), x)
     if x.device.type == "cpu":  # measured 2.5x faster for the generator's 3-channel convs on CPU
         x = x.contiguous(memory_format=torch.channels_last)
-        generator.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(generator.parameters(), lr=lr)
-    history = []
+    running = list(range(n))  # images still optimizing, as indices into the batch
+    targets = torch.as_tensor(list(targets), device=x.device)
+    xs, ts = x, targets  # the running images and their targets
+    histories: list[list[np.ndarray]] = [[] for _ in range(n)]
+    results: list[OptimizationResult | None] = [None] * n
     start = time.perf_counter()
     with frozen(model):
-        original = class_probabilities(model, x)[0, target]
+        originals = class_probabilities(model, x)[torch.arange(n), targets].tolist()
         for step in tqdm(range(1, steps + 1), desc="optimizing", disable=not progress, leave=False):
-            x_pert = generator(x)
-            probability = torch.softmax(model(x_pert).float(), dim=1)[0, target]
-            l1 = (x - x_pert).abs().mean()
-            loss = probability + l1_coeff * l1
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                x_pert = generator(xs)
+                logits = model(x_pert)
+            probabilities = torch.softmax(logits.float(), dim=1)[torch.arange(len(running)), ts]
+            l1s = (xs - x_pert.float()).abs().mean(dim=(1, 2, 3))
+            losses = probabilities + l1_coeff * l1s
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            losses.sum().backward()
             optimizer.step()
-            history.append(torch.stack([loss, probability, l1]).detach())
+            values = torch.stack([losses, probabilities, l1s], dim=1).detach().cpu().double().numpy()
+            for i, row in zip(running, values):
+                histories[i].append(row)
             if callback is not None:
-                callback(step, float(probability.detach()))
-        with torch.no_grad():
-            x_pert = generator(x)
-        perturbed = class_probabilities(model, x_pert)[0, target]
-    losses, probabilities, l1s = torch.stack(history).cpu().double().numpy().T
-    return OptimizationResult(x_pert.detach(), target, float(original), float(perturbed), losses,
-                              probabilities, l1s, steps, time.perf_counter() - start)
+                callback(step, values[:, 1])
+            done = [k for k, i in enumerate(running)
+                    if step == steps or (patience and converged(*np.array(histories[i]).T[:2], originals[i],
+                                                                 patience))]
+            if not done:
+                continue
+            with torch.no_grad():
+                x_pert = generator(xs)
+                finals = class_probabilities(model, x_pert)[torch.arange(len(running)), ts]
+            for k in done:
+                i = running[k]
+                loss_history, probability_history, l1_history = np.array(histories[i]).T
+                results[i] = OptimizationResult(x_pert[k:k + 1].detach(), int(targets[i]), originals[i],
+                                                float(finals[k]), loss_history, probability_history,
+                                                l1_history, step, time.perf_counter() - start)
+            keep = [k for k in range(len(running)) if k not in done]
+            if not keep:
+                break
+            generator, optimizer = _keep_copies(generator, optimizer, keep, lr, x)
+            running = [running[k] for k in keep]
+            xs, ts = x[running], targets[running]
+    return results
+
+
+def _on_device_of(generator: PerturbationGenerator, x: torch.Tensor) -> PerturbationGenerator:
+    """``generator`` in the memory layout that suits ``x``'s device (channels_last on CPU)."""
+    return generator.to(memory_format=torch.channels_last) if x.device.type == "cpu" else generator
+
+
+def _keep_copies(generator: PerturbationGenerator, optimizer: torch.optim.Adam, keep: Sequence[int],
+                 lr: float, x: torch.Tensor) -> tuple[PerturbationGenerator, torch.optim.Adam]:
+    """A generator with only copies ``keep`` of ``generator``, and an Adam that goes on from ``optimizer``'s state."""
+    rows = torch.tensor([3 * k + c for k in keep for c in range(3)], device=x.device)
+    kept = _on_device_of(generator._with_copies(len(keep)), x)
+    kept_optimizer = torch.optim.Adam(kept.parameters(), lr=lr)
+    with torch.no_grad():
+        for old, new in zip(generator.parameters(), kept.parameters()):
+            new.copy_(old[rows])
+            kept_optimizer.state[new] = {name: value[rows].clone() if value.dim() else value.clone()
+                                         for name, value in optimizer.state[old].items()}
+    return kept, kept_optimizer
+
+
+#: The stopping rule of :func:`converged`: the target's probability must stay below this
+#: fraction of its original value ...
+STOP_PROBABILITY = 0.1
+#: ... and the best loss must improve by less than this fraction of itself.
+STOP_IMPROVEMENT = 0.01
+
+
+def converged(losses: Sequence[float], probabilities: Sequence[float], original: float, patience: int) -> bool:
+    """The stopping rule, on one image's loss and probability histories so far (one value per step).
+
+    True when, over the last ``patience`` steps, the target's probability stayed
+    below ``STOP_PROBABILITY`` × ``original`` (its probability for the unperturbed
+    image) *and* the lowest loss among them is less than ``STOP_IMPROVEMENT``
+    (relatively) below the lowest loss before them. It needs ``2 × patience``
+    steps of history; ``patience`` 0 never stops. The probability alone would
+    stop at once: a random generator wrecks the image, so the probability is
+    usually below 1% after the first step; the real work is the L1 term pulling
+    the image back, which is what the loss condition waits for.
+    """
+    t = len(losses)
+    if patience < 1 or t < 2 * patience:
+        return False
+    losses, probabilities = np.asarray(losses), np.asarray(probabilities)
+    if not (probabilities[t - patience:] < STOP_PROBABILITY * original).all():
+        return False
+    best_before, best_recent = losses[:t - patience].min(), losses[t - patience:].min()
+    return bool(best_before - best_recent < STOP_IMPROVEMENT * best_before)
 
 
 # --------------------------------------------------------------------------- post-processing
@@ -669,6 +807,8 @@ def _check_hyperparameters(hp: dict) -> None:
         "border": (0 <= hp["border"] < 0.5, "in [0, 0.5)"),
         "dilation": (hp["dilation"] >= 1 and int(hp["dilation"]) == hp["dilation"], "an integer ≥ 1"),
         "difference": (hp["difference"] in DIFFERENCES, f"one of {', '.join(DIFFERENCES)}"),
+        "patience": (hp["patience"] >= 0 and int(hp["patience"]) == hp["patience"], "an integer ≥ 0"),
+        "precision": (hp["precision"] in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
     }
     for name, (ok, must_be) in checks.items():
         if not ok:
@@ -718,31 +858,71 @@ def explain(image: str | os.PathLike | np.ndarray | Image.Image,
     ``image`` is anything :func:`read_image` takes; ``model`` is
     anything :func:`load_model` takes (or a :class:`LoadedModel`). Hyperparameters
     (``kernel_size, nblocks, nlayers, steps, lr, l1_coeff, power, border,
-    dilation, difference``) default to the seed's; ``preset="seed"`` pins them to it
-    explicitly. ``seed`` fixes the generator's initialisation, so a run is
-    reproducible on the same device. With ``verbose`` the top-5 assessment is
-    printed and a progress bar shown; ``callback`` goes to :func:`optimize_perturbation`.
+    dilation, difference, patience, precision``) default to the seed's;
+    ``preset="seed"`` pins them to it explicitly, ``preset="fast"`` selects the
+    project's fast configuration (:data:`FAST_PRESET`). ``seed`` fixes the
+    generator's initialisation, so a run is reproducible on the same device.
+    With ``verbose`` the top-5 assessment is printed and a progress bar shown;
+    ``callback`` goes to :func:`optimize_perturbation`.
+    """
+    on_step = None if callback is None else (lambda step, probabilities: callback(step, float(probabilities[0])))
+    return explain_batch([image], model, preset=preset, targets=None if target is None else [target], seed=seed,
+                         device=device, weights_path=weights_path, verbose=verbose, callback=on_step,
+                         **hyperparameters)[0]
+
+
+def explain_batch(images: Sequence[str | os.PathLike | np.ndarray | Image.Image],
+                  model: str | nn.Module | LoadedModel = "auto", *, preset: str | None = None,
+                  targets: Sequence[int] | None = None, seed: int = 0, device: torch.device | str | None = None,
+                  weights_path: str | os.PathLike | None = None, verbose: bool = True,
+                  callback: Callable[[int, np.ndarray], None] | None = None,
+                  **hyperparameters) -> list[Explanation]:
+    """:func:`explain` for several images in one optimization: one Explanation per image, in order.
+
+    Each image gets its own generator, initialised from ``seed`` exactly as
+    :func:`explain` would, as one copy of a grouped generator
+    (:meth:`PerturbationGenerator.stack`); so each result is that of
+    ``explain(image, seed=seed)`` up to floating-point rounding. A GPU runs the
+    copies in parallel; a CPU is already busy with one image, and measured no
+    faster batched (README, "Performance"). ``targets``: one class index per
+    image (default: each image's top class). ``callback(step, probabilities)``
+    gets the target probabilities of the images still running. Memory grows
+    with the number of images: split a long list into batches of about 16.
     """
     hp = resolve_hyperparameters(preset, **hyperparameters)
+    if len(images) == 0:
+        raise ValueError("no images to explain")
+    if targets is not None and len(targets) != len(images):
+        raise ValueError(f"{len(images)} images need {len(images)} targets, got {len(targets)}")
     loaded = load_model(model, device=device, weights_path=weights_path)
-    x = loaded.preprocessing(read_image(image), device=loaded.device)
+    x = torch.cat([loaded.preprocessing(read_image(image), device=loaded.device) for image in images])
     with frozen(loaded.model):
-        probs = class_probabilities(loaded.model, x)[0]
-    predictions = _top_k(probs, loaded, 5)
+        probs = class_probabilities(loaded.model, x)
+    predictions = [_top_k(p, loaded, 5) for p in probs]
     if verbose:
-        print(format_predictions(predictions))
-    num_classes = probs.numel()
-    target = predictions[0].index if target is None else target
+        print("\n".join(format_predictions(p) for p in predictions))
+    targets = [p[0].index for p in predictions] if targets is None else list(targets)
+    for target in targets:
+        _check_target(target, probs.shape[1])
+    generator = PerturbationGenerator.stack(
+        [_seeded_generator(seed, hp["kernel_size"], hp["nblocks"], hp["nlayers"])] * len(images))
+    results = optimize_perturbations(loaded.model, x, generator, targets, hp["steps"], hp["lr"], hp["l1_coeff"],
+                                     hp["patience"], hp["precision"], progress=verbose, callback=callback)
+    explanations = []
+    for i, result in enumerate(results):
+        xi = x[i:i + 1]
+        saliency = saliency_map(xi, result.perturbed, hp["power"], hp["border"], hp["dilation"], hp["difference"])
+        explanations.append(Explanation(
+            **vars(result), input=xi, saliency=saliency, center_of_mass=center_of_mass(saliency),
+            label=loaded.label(result.target), hyperparameters=hp, model_name=loaded.name,
+            predictions=predictions[i], preprocessing=loaded.preprocessing, seed=seed))
+    return explanations
+
+
+def _check_target(target: int, num_classes: int) -> None:
     if int(target) != target or not 0 <= target < num_classes:
         raise ValueError(f"target class {target} is out of range: the model has {num_classes} classes "
                          f"(0 to {num_classes - 1})")
-    generator = _seeded_generator(seed, hp["kernel_size"], hp["nblocks"], hp["nlayers"])
-    result = optimize_perturbation(loaded.model, x, generator, int(target), hp["steps"], hp["lr"],
-                                   hp["l1_coeff"], progress=verbose, callback=callback)
-    saliency = saliency_map(x, result.perturbed, hp["power"], hp["border"], hp["dilation"], hp["difference"])
-    return Explanation(**vars(result), input=x, saliency=saliency, center_of_mass=center_of_mass(saliency),
-                       label=loaded.label(result.target), hyperparameters=hp, model_name=loaded.name,
-                       predictions=predictions, preprocessing=loaded.preprocessing, seed=seed)
 
 
 def with_postprocessing(explanation: Explanation, power: float, border: float, dilation: int,
@@ -1025,7 +1205,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--target", type=int, help="class index to explain (default: the top class)")
     ex.add_argument("--preset", choices=sorted(PRESETS), help="a named hyperparameter set")
     for name, value in DEFAULTS.items():
-        choices = DIFFERENCES if name == "difference" else None
+        choices = {"difference": DIFFERENCES, "precision": PRECISIONS}.get(name)
         ex.add_argument(f"--{name.replace('_', '-')}", type=type(value), choices=choices, help=f"default {value}")
     ex.add_argument("--seed", type=int, default=0, help="initialisation seed of the generator")
     ex.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
@@ -1039,12 +1219,20 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", default="shapes", help="the model to explain (default shapes)")
     ev.add_argument("--methods", nargs="+", metavar="METHOD",
                     help="methods to run (default all: random center saliency integrated-gradients "
-                         "occlusion grad-cam fong-vedaldi ours)")
+                         "occlusion grad-cam fong-vedaldi ours ours-fast)")
     ev.add_argument("--steps", type=int, help="override the optimizing methods' steps (quick runs)")
     ev.add_argument("--sanity-scenes", type=int, default=5, help="scenes for the randomization check")
     ev.add_argument("--shortcut-scenes", type=int, default=20, help="scenes for the planted shortcut")
     ev.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     ev.add_argument("--out", type=Path, default=Path("evaluation"), help="output folder (default evaluation/)")
+    be = commands.add_parser("bench", help="time the seed preset against the fast configuration")
+    be.add_argument("--model", default="shapes", help="shapes (default), vgg19 or a torchvision model name; "
+                    "without its pretrained weights a torchvision model runs with random ones")
+    be.add_argument("--weights", type=Path, help="a local state_dict file for the model's architecture")
+    be.add_argument("--images", type=int, default=20, help="embedded scenes to explain (default 20)")
+    be.add_argument("--batch", type=int, default=16, help="images per batched optimization (default 16)")
+    be.add_argument("--quick", action="store_true", help="2 scenes, 10 steps: a smoke run, not a measurement")
+    be.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     return parser
 
 
@@ -1078,6 +1266,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "evaluate":
             _evaluate(args, argv)
+            return 0
+        if args.command == "bench":
+            import deepexplain_bench  # imported here, not at the top: it imports this module
+
+            print(deepexplain_bench.benchmark(args.model, args.images, args.batch, args.quick, args.device,
+                                              args.weights)[2])
             return 0
         hyper = {name: getattr(args, name) for name in DEFAULTS}
         result = explain(args.image, args.model, preset=args.preset, target=args.target, seed=args.seed,

@@ -303,12 +303,19 @@ def _ours(loaded: de.LoadedModel, case: Case, steps) -> dict[str, np.ndarray]:
             for name, options in OURS_VARIANTS.items()}
 
 
+def _ours_fast(loaded: de.LoadedModel, case: Case, steps) -> dict[str, np.ndarray]:
+    """deepexplain with the fast preset (:data:`deepexplain.FAST_PRESET`, generator seed 0)."""
+    result = de.explain(case.image, loaded, preset="fast", target=case.target, verbose=False,
+                        **({} if steps is None else {"steps": steps}))
+    return {"ours-fast": result.saliency}
+
+
 #: Explainers by name: f(loaded model, case, steps) → {map name: H×W map}. ``steps`` (None = each
 #: method's default) shortens the optimizing methods, for tests.
 METHODS: Mapping[str, Callable[[de.LoadedModel, Case, int | None], dict[str, np.ndarray]]] = {
     "random": _random, "center": _center, "saliency": _saliency,
     "integrated-gradients": _integrated_gradients, "occlusion": _occlusion, "grad-cam": _gradcam,
-    "fong-vedaldi": _fong_vedaldi, "ours": _ours,
+    "fong-vedaldi": _fong_vedaldi, "ours": _ours, "ours-fast": _ours_fast,
 }
 
 
@@ -403,7 +410,7 @@ class EvaluationResult:
     settings: dict = field(default_factory=dict)
 
 
-def _machine(device: torch.device) -> str:
+def machine_name(device: torch.device) -> str:
     """The hardware the run used, in words: the GPU's name, or the CPU core count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -503,7 +510,7 @@ def evaluate(n_scenes: int = 100, model: str | nn.Module | de.LoadedModel = "sha
     result = EvaluationResult(scores, examples=examples, settings={
         "n_scenes": n_scenes, "first_seed": first_seed, "model": loaded.name, "methods": methods,
         "steps": steps, "device": str(loaded.device), "threads": torch.get_num_threads(),
-        "machine": _machine(loaded.device)})
+        "machine": machine_name(loaded.device)})
     if sanity_scenes:
         result.sanity = _sanity_scores(loaded, cases[:sanity_scenes], kept, methods, steps, progress)
     if shortcut_scenes:

@@ -224,7 +224,7 @@ def test_saliency_map_points_at_the_changed_region():
 
 def test_seed_preset_is_the_seeds_values():
     seed = dict(kernel_size=3, nblocks=3, nlayers=3, steps=1000, lr=0.01, l1_coeff=1.0,
-                power=6, border=0.1, dilation=20, difference="signed-mean")
+                power=6, border=0.1, dilation=20, difference="signed-mean", patience=0, precision="fp32")
     assert dict(de.PRESETS["seed"]) == seed
     assert de.resolve_hyperparameters() == seed
     assert de.resolve_hyperparameters("seed", steps=5) == {**seed, "steps": 5}
@@ -235,6 +235,7 @@ def test_seed_preset_is_the_seeds_values():
     ({"border": 0.5}, "border"), ({"dilation": 0}, "dilation"), ({"power": 0}, "power"),
     ({"nlayers": 0}, "nlayers"), ({"momentum": 1}, "unknown hyperparameter"),
     ({"difference": "max"}, "difference must be one of signed-mean, abs-sum"),
+    ({"patience": -1}, "patience must be"), ({"precision": "fp16"}, "precision must be one of fp32, bf16"),
 ])
 def test_bad_hyperparameters_are_named(bad, message):
     with pytest.raises(ValueError, match=message):
