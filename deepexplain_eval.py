@@ -296,8 +296,7 @@ OURS_VARIANTS: Mapping[str, dict] = {
 
 def _ours(loaded: de.LoadedModel, case: Case, steps) -> dict[str, np.ndarray]:
     """deepexplain with the seed preset (generator seed 0); one optimization, every post-processing variant."""
-    result = de.explain(case.image, loaded, preset="seed", target=case.target, verbose=False,
-                        **({} if steps is None else {"steps": steps}))
+    result = _explain_case(loaded, case, "seed", steps)
     dilation = result.hyperparameters["dilation"]
     return {name: de.saliency_map(result.input, result.perturbed, dilation=dilation, **options)
             for name, options in OURS_VARIANTS.items()}
@@ -305,9 +304,13 @@ def _ours(loaded: de.LoadedModel, case: Case, steps) -> dict[str, np.ndarray]:
 
 def _ours_fast(loaded: de.LoadedModel, case: Case, steps) -> dict[str, np.ndarray]:
     """deepexplain with the fast preset (:data:`deepexplain.FAST_PRESET`, generator seed 0)."""
-    result = de.explain(case.image, loaded, preset="fast", target=case.target, verbose=False,
-                        **({} if steps is None else {"steps": steps}))
-    return {"ours-fast": result.saliency}
+    return {"ours-fast": _explain_case(loaded, case, "fast", steps).saliency}
+
+
+def _explain_case(loaded: de.LoadedModel, case: Case, preset: str, steps: int | None) -> de.Explanation:
+    """``case`` explained by deepexplain with ``preset`` (generator seed 0); ``steps`` None keeps the preset's."""
+    return de.explain(case.image, loaded, preset=preset, target=case.target, verbose=False,
+                      **({} if steps is None else {"steps": steps}))
 
 
 #: Explainers by name: f(loaded model, case, steps) → {map name: H×W map}. ``steps`` (None = each
