@@ -23,8 +23,8 @@ map goes through the same metrics:
 Methods: a random map, a centered Gaussian, Captum's Saliency,
 IntegratedGradients, Occlusion and LayerGradCam, Fong & Vedaldi's (2017)
 meaningful-perturbation mask (:func:`meaningful_perturbation`, written here),
-and deepexplain with the seed preset plus variants of its post-processing
-(one optimization, several maps).
+and deepexplain: the seed preset plus variants of its post-processing (one
+optimization, several maps), the fast preset and the masked generator.
 
 :func:`evaluate` runs it all and :func:`write_report` writes the tables
 (Markdown and CSV) and a figure grid; ``python deepexplain.py evaluate --help``
@@ -60,7 +60,8 @@ __all__ = [
     "pointing_hit", "com_hit", "energy_inside", "blurred", "deletion_insertion_curves", "curve_auc",
     "center_gaussian", "meaningful_perturbation", "gradcam_layer", "randomized_copy",
     "rank_correlation", "mean_ci", "Case", "scene_cases", "run_methods", "score_map",
-    "EvaluationResult", "evaluate", "main_table", "sanity_table", "shortcut_table", "report_markdown",
+    "EvaluationResult", "evaluate", "main_table", "sanity_table", "shortcut_table", "paired_differences",
+    "comparison_table", "read_scores", "report_markdown",
     "plot_map", "plot_examples", "write_report", "REPORT_DIR",
 ]
 
@@ -189,12 +190,6 @@ def center_gaussian(shape: tuple[int, int], sigma: float = 0.25) -> np.ndarray:
     return np.exp(-0.5 * ((rows[:, None] / (sigma * shape[0])) ** 2 + (cols[None] / (sigma * shape[1])) ** 2))
 
 
-def _total_variation(m: torch.Tensor, power: float) -> torch.Tensor:
-    """Mean of |∇m|^power over horizontal and vertical neighbours of an N×1×h×w mask."""
-    return ((m[..., 1:, :] - m[..., :-1, :]).abs() ** power).mean() + \
-        ((m[..., :, 1:] - m[..., :, :-1]).abs() ** power).mean()
-
-
 def meaningful_perturbation(model: nn.Module, x: torch.Tensor, target: int, steps: int = 300,
                             lr: float = 0.1, area_coeff: float = 1.0, tv_coeff: float = 0.2,
                             tv_power: float = 3.0, mask_size: int = 28, init: float = 0.5,
@@ -219,7 +214,7 @@ def meaningful_perturbation(model: nn.Module, x: torch.Tensor, target: int, step
             m = nn.functional.interpolate(mask, size=(h, w), mode="bilinear", align_corners=False)
             blended = torch.roll(x * m + background * (1 - m), (dy, dx), dims=(2, 3))
             probability = torch.softmax(model(blended), dim=1)[0, target]
-            loss = probability + area_coeff * (1 - mask).mean() + tv_coeff * _total_variation(mask, tv_power)
+            loss = probability + area_coeff * (1 - mask).mean() + tv_coeff * de.total_variation(mask, tv_power)[0]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -307,6 +302,11 @@ def _ours_fast(loaded: de.LoadedModel, case: Case, steps) -> dict[str, np.ndarra
     return {"ours-fast": _explain_case(loaded, case, "fast", steps).saliency}
 
 
+def _ours_masked(loaded: de.LoadedModel, case: Case, steps) -> dict[str, np.ndarray]:
+    """deepexplain with the masked generator (:data:`deepexplain.MASKED_PRESET`, generator seed 0)."""
+    return {"ours-masked": _explain_case(loaded, case, "masked", steps).saliency}
+
+
 def _explain_case(loaded: de.LoadedModel, case: Case, preset: str, steps: int | None) -> de.Explanation:
     """``case`` explained by deepexplain with ``preset`` (generator seed 0); ``steps`` None keeps the preset's."""
     return de.explain(case.image, loaded, preset=preset, target=case.target, verbose=False,
@@ -318,7 +318,7 @@ def _explain_case(loaded: de.LoadedModel, case: Case, preset: str, steps: int | 
 METHODS: Mapping[str, Callable[[de.LoadedModel, Case, int | None], dict[str, np.ndarray]]] = {
     "random": _random, "center": _center, "saliency": _saliency,
     "integrated-gradients": _integrated_gradients, "occlusion": _occlusion, "grad-cam": _gradcam,
-    "fong-vedaldi": _fong_vedaldi, "ours": _ours, "ours-fast": _ours_fast,
+    "fong-vedaldi": _fong_vedaldi, "ours": _ours, "ours-fast": _ours_fast, "ours-masked": _ours_masked,
 }
 
 
@@ -583,6 +583,46 @@ def shortcut_table(result: EvaluationResult) -> str:
     summary = _summary_rows(result.shortcut, keys)
     return _markdown_table(["method", "energy on tag", "energy on object", "max on tag", "max on object"],
                            [[r["method"], *(_fmt(r, k) for k in keys)] for r in summary])
+
+
+def paired_differences(scores: Sequence[dict], method: str, baseline: str,
+                       keys: Sequence[str] = (*METRICS, "seconds")) -> dict[str, tuple[float, float, float]]:
+    """``method`` − ``baseline`` on the scenes both scored: per key, the mean per-scene difference
+    with its 95% Student-t interval (paired: both maps explain the same scene). ``scores``: rows as
+    in :attr:`EvaluationResult.scores` (or :func:`read_scores`), from one or several runs."""
+    by_seed = {name: {r["seed"]: r for r in scores if r["method"] == name} for name in (method, baseline)}
+    seeds = sorted(set(by_seed[method]) & set(by_seed[baseline]))
+    if not seeds:
+        raise ValueError(f"no scene was scored for both {method!r} and {baseline!r}")
+    out = {}
+    for key in keys:
+        d = np.array([by_seed[method][s][key] - by_seed[baseline][s][key] for s in seeds], dtype=float)
+        if len(d) < 2 or d.std() == 0:
+            out[key] = (float(d.mean()),) * 3
+        else:
+            ci = stats.ttest_1samp(d, 0.0).confidence_interval(0.95)
+            out[key] = (float(d.mean()), float(ci.low), float(ci.high))
+    return out
+
+
+def comparison_table(scores: Sequence[dict], method: str, baselines: Sequence[str]) -> str:
+    """Markdown: ``method`` − each baseline, paired per scene, mean [95% CI] of every metric
+    (positive is better for pointing, center of mass, energy, insertion; negative for deletion, seconds)."""
+    header = ["difference", "pointing", "center-of-mass hit", "energy in mask", "deletion AUC", "insertion AUC",
+              "s / explanation"]
+    lines = []
+    for baseline in baselines:
+        diffs = paired_differences(scores, method, baseline)
+        lines.append([f"{method} − {baseline}",
+                      *(f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]" for m, lo, hi in diffs.values())])
+    return _markdown_table(header, lines)
+
+
+def read_scores(folder: str | Path) -> list[dict]:
+    """The per-scene scores a report folder's scores.csv holds (:func:`write_report`), numbers as numbers."""
+    with open(Path(folder) / "scores.csv", newline="") as f:
+        return [{k: v if k == "method" else (int(v) if k in ("seed", "target") else float(v)) for k, v in r.items()}
+                for r in csv.DictReader(f)]
 
 
 def report_markdown(result: EvaluationResult, command: str = "") -> str:

@@ -30,7 +30,7 @@ def sample():
 
 @pytest.fixture(scope="module")
 def explanation(shapes, sample):
-    return de.explain(sample.image, shapes, steps=FEW_STEPS, verbose=False)
+    return de.explain(sample.image, shapes, preset="seed", steps=FEW_STEPS, verbose=False)
 
 
 @pytest.fixture
@@ -224,10 +224,18 @@ def test_saliency_map_points_at_the_changed_region():
 
 def test_seed_preset_is_the_seeds_values():
     seed = dict(kernel_size=3, nblocks=3, nlayers=3, steps=1000, lr=0.01, l1_coeff=1.0,
-                power=6, border=0.1, dilation=20, difference="signed-mean", patience=0, precision="fp32")
+                power=6, border=0.1, dilation=20, difference="signed-mean", smoothing=0.0, patience=0,
+                precision="fp32", generator="seed", mask_size=28, area_coeff=1.0, tv_coeff=0.2, jitter=0, runs=1)
     assert dict(de.PRESETS["seed"]) == seed
-    assert de.resolve_hyperparameters() == seed
     assert de.resolve_hyperparameters("seed", steps=5) == {**seed, "steps": 5}
+
+
+def test_default_is_the_masked_preset_and_presets_differ_only_where_documented():
+    assert de.resolve_hyperparameters() == dict(de.MASKED_PRESET) == dict(de.DEFAULTS)
+    assert de.resolve_hyperparameters(steps=7)["generator"] == "masked"
+    changed = {k for k in de.SEED_PRESET if de.MASKED_PRESET[k] != de.SEED_PRESET[k]}
+    assert changed == {"lr", "steps", "patience", "precision", "generator", "l1_coeff", "tv_coeff", "jitter",
+                       "runs", "smoothing", "power", "border", "dilation"}
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -263,22 +271,22 @@ def test_explanation_contract(explanation, sample):
 
 @pytest.mark.parametrize("name", scenes.CLASS_NAMES[:2])
 def test_target_probability_drops_tenfold_on_samples(shapes, name):
-    e = de.explain(scenes.load_sample(name).image, shapes, steps=FEW_STEPS, verbose=False)
+    e = de.explain(scenes.load_sample(name).image, shapes, preset="seed", steps=FEW_STEPS, verbose=False)
     assert e.original_score > 0.5
     assert e.perturbed_score < e.original_score / 10
 
 
 def test_same_seed_same_map_and_global_rng_untouched(shapes, sample, explanation):
     state = torch.get_rng_state()
-    again = de.explain(sample.image, shapes, steps=FEW_STEPS, verbose=False)
-    other = de.explain(sample.image, shapes, steps=FEW_STEPS, seed=1, verbose=False)
+    again = de.explain(sample.image, shapes, preset="seed", steps=FEW_STEPS, verbose=False)
+    other = de.explain(sample.image, shapes, preset="seed", steps=FEW_STEPS, seed=1, verbose=False)
     assert torch.equal(torch.get_rng_state(), state)
     assert np.array_equal(again.saliency, explanation.saliency)
     assert not np.array_equal(other.saliency, explanation.saliency)
 
 
 def test_explain_other_target(shapes, sample):
-    e = de.explain(sample.image, shapes, steps=3, target=2, verbose=False)
+    e = de.explain(sample.image, shapes, preset="seed", steps=3, target=2, verbose=False)
     assert e.target == 2 and e.label == scenes.CLASS_NAMES[2]
     with pytest.raises(ValueError, match="out of range"):
         de.explain(sample.image, shapes, steps=3, target=len(scenes.CLASS_NAMES), verbose=False)

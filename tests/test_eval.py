@@ -155,7 +155,7 @@ def test_every_method_gives_finite_maps_of_the_image_size(shapes_case):
     loaded, case = shapes_case
     maps, seconds = ev.run_methods(loaded, case, list(ev.METHODS), steps=3)
     assert set(maps) >= {"random", "center", "saliency", "integrated-gradients", "occlusion", "grad-cam",
-                         "fong-vedaldi", *ev.OURS_VARIANTS}
+                         "fong-vedaldi", *ev.OURS_VARIANTS, "ours-fast", "ours-masked"}
     for name, saliency in maps.items():
         assert saliency.shape == (224, 224), name
         assert np.isfinite(saliency).all() and saliency.min() >= 0, name
@@ -224,6 +224,9 @@ def test_evaluate_writes_every_table(tmp_path):
     assert len(result.scores) == 2 * n_maps
     paths = ev.write_report(result, tmp_path, command="python deepexplain.py evaluate")
     assert sorted(p.name for p in paths) == sorted(p.name for p in tmp_path.iterdir())
+    assert ev.read_scores(tmp_path) == result.scores  # the CSV round-trips exactly
+    table = ev.comparison_table(ev.read_scores(tmp_path), "ours-masked", ["grad-cam", "ours-seed"])
+    assert "| ours-masked − grad-cam |" in table and "| ours-masked − ours-seed |" in table
     report = (tmp_path / "evaluation.md").read_text()
     for name in {r["method"] for r in result.scores}:
         assert f"| {name} |" in report
@@ -259,3 +262,15 @@ def test_cli_evaluate_bad_input_is_one_line_and_no_files(tmp_path, capsys, args,
     err = capsys.readouterr().err.strip()
     assert err.startswith("deepexplain: error:") and message in err and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_paired_differences_pair_the_scenes_both_methods_scored():
+    rows = [{"seed": seed, "method": method, "pointing": value}
+            for method, values in (("a", {1: 1.0, 2: 1.0, 3: 0.0, 5: 1.0}), ("b", {2: 0.0, 3: 0.0, 4: 1.0, 5: 0.0}))
+            for seed, value in values.items()]
+    mean, low, high = ev.paired_differences(rows, "a", "b", keys=["pointing"])["pointing"]
+    assert mean == pytest.approx(2 / 3)  # scenes 2, 3 and 5: differences 1, 0, 1
+    assert low < mean < high
+    assert ev.paired_differences(rows, "a", "a", keys=["pointing"])["pointing"] == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="no scene was scored for both 'a' and 'c'"):
+        ev.paired_differences(rows, "a", "c", keys=["pointing"])

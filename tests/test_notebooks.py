@@ -92,3 +92,18 @@ def test_07_evaluation(tmp_path):
     assert summary["sanity_levels"] == ["all 6 layers", "top 3 layers", "top layer"]
     assert summary["shortcut_accuracy"]["match"] > summary["shortcut_accuracy"]["swap"]
     assert all(0 <= v <= 1 for v in summary["tag_energy"].values())
+
+
+def test_08_beyond_the_seed(tmp_path):
+    summary = run("08_beyond_the_seed.ipynb", tmp_path, example_seed=30000001)
+    assert summary["steps"] == 5 and summary["gallery"] == 1
+    assert summary["mask_shape"] == [1, 1, 224, 224]
+    assert 0 <= summary["mask_range"][0] <= summary["mask_range"][1] <= 1
+    original, perturbed = summary["masked_scores"]
+    assert 0 <= perturbed <= 1 and 0 < original <= 1
+    for scores in (summary["seed"], summary["masked"]):
+        assert set(scores) == {"pointing", "com_hit", "energy", "deletion", "insertion"}
+        assert all(0 <= v <= 1 for v in scores.values())
+    assert set(summary["gallery_pointing"]) == {"grad-cam", "fong-vedaldi", "ours-seed", "ours-masked"}
+    assert set(summary["tag_share"]) == {"ours-seed", "ours-masked"}
+    assert {"grad-cam", "ours-seed", "ours-masked"} <= set(summary["table_methods"])

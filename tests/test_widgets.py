@@ -14,7 +14,7 @@ def shapes():
 
 @pytest.fixture(scope="module")
 def stored(shapes):
-    return de.explain("star", shapes, steps=10, verbose=False)
+    return de.explain("star", shapes, preset="seed", steps=10, verbose=False)
 
 
 def test_generator_panel_redraws_when_a_slider_moves(shapes):

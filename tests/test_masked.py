@@ -1,0 +1,139 @@
+"""The masked generator (generator="masked", preset "masked"): shapes, ranges, and that its map finds
+the one region a classifier depends on."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import deepexplain as de
+import deepexplain_eval as ev
+import deepexplain_scenes as scenes
+
+SIZE = scenes.SCENE_SIZE
+#: The region the toy classifier reads: rows 30..79, cols 130..179 (away from the center and the border).
+REGION = (slice(30, 80), slice(130, 180))
+
+
+class RegionClassifier(nn.Module):
+    """Two classes; class 0's logit falls as the pixels of REGION move away from ``reference``'s.
+
+    Pixels outside REGION have no effect at all, by construction: only REGION can explain class 0.
+    """
+
+    def __init__(self, reference: torch.Tensor):
+        super().__init__()
+        self.register_buffer("reference", reference[..., REGION[0], REGION[1]].clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        change = ((x[..., REGION[0], REGION[1]] - self.reference) ** 2).mean(dim=(1, 2, 3))
+        class0 = 4.0 - 40.0 * change
+        return torch.stack([class0, torch.zeros_like(class0)], dim=1)
+
+
+def test_masked_generator_shapes_and_ranges():
+    torch.manual_seed(0)
+    generator = de.MaskedPerturbationGenerator(mask_size=7, copies=2)
+    with torch.no_grad():
+        generator.logits.normal_(0, 3)  # a mask far from its initial 0.5
+    x = torch.randn(2, 3, 40, 48)
+    out = generator(x)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    for image, perturbed in zip(x, out):  # a blend of x and G(x), both within x's range
+        assert image.min() - 1e-5 <= perturbed.min() and perturbed.max() <= image.max() + 1e-5
+    mask = generator.mask((40, 48))
+    assert mask.shape == (2, 1, 40, 48) and 0 <= mask.min() and mask.max() <= 1
+    penalty = generator.penalty()
+    assert penalty.shape == (2,) and (penalty > 0).all()
+    assert generator.logits.shape == (2, 1, 7, 7)
+    with pytest.raises(ValueError, match="mask_size"):
+        de.MaskedPerturbationGenerator(mask_size=1)
+
+
+def test_mask_zero_keeps_the_image_and_one_replaces_it():
+    generator = de.MaskedPerturbationGenerator(mask_size=4)
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        generator.logits.fill_(-30.0)
+        torch.testing.assert_close(generator(x), x)
+        generator.logits.fill_(30.0)
+        torch.testing.assert_close(generator(x), de.PerturbationGenerator.forward(generator, x))
+
+
+def test_seed_generator_has_no_mask_and_no_penalty():
+    generator = de.PerturbationGenerator(copies=3)
+    assert generator.mask((8, 8)) is None
+    assert generator.penalty().tolist() == [0.0, 0.0, 0.0]
+
+
+def test_stacked_masked_generator_keeps_each_copys_mask():
+    torch.manual_seed(0)
+    singles = [de.MaskedPerturbationGenerator(mask_size=5) for _ in range(3)]
+    for i, single in enumerate(singles):
+        with torch.no_grad():
+            single.logits.fill_(i - 1.0)
+    stacked = de.MaskedPerturbationGenerator.stack(singles)
+    assert isinstance(stacked, de.MaskedPerturbationGenerator) and stacked.logits.shape == (3, 1, 5, 5)
+    x = torch.randn(3, 3, 20, 20)
+    expected = torch.cat([g(x[i:i + 1]) for i, g in enumerate(singles)])
+    torch.testing.assert_close(stacked(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mask_stays_in_unit_range_under_a_huge_learning_rate():
+    shapes = de.load_model("shapes", device="cpu")
+    result = de.explain("star", shapes, preset="masked", lr=50.0, steps=15, patience=0, verbose=False)
+    assert result.mask.shape == (1, 1, SIZE, SIZE)
+    assert 0 <= result.mask.min() and result.mask.max() <= 1
+    assert np.isfinite(result.saliency).all() and 0 <= result.saliency.min() and result.saliency.max() <= 1
+
+
+def test_masked_map_is_the_mask_and_keeps_the_seed_path_separate():
+    shapes = de.load_model("shapes", device="cpu")
+    masked = de.explain("disk", shapes, preset="masked", steps=20, verbose=False)
+    # no crop, no dilation: the map is the (combined) mask, smoothed and raised to the power
+    hp = masked.hyperparameters
+    expected = de.smooth(masked.mask[0, 0].double().numpy(), hp["smoothing"]) ** hp["power"]
+    np.testing.assert_allclose(masked.saliency, expected, rtol=1e-5, atol=1e-9)
+    assert hp["smoothing"] > 0 and hp["border"] == 0 and hp["dilation"] == 1
+    assert masked.hyperparameters["generator"] == "masked" and masked.hyperparameters["jitter"] > 0
+    seed = de.explain("disk", shapes, preset="seed", steps=5, verbose=False)
+    assert seed.mask is None and seed.hyperparameters["generator"] == "seed"
+
+
+def test_batched_masked_explanations_equal_separate_runs():
+    # ring and disk stop after 6 steps, star runs on: its copy's mask logits must survive the compaction.
+    # lr 0.01 in fp32, as the optimization amplifies rounding differences fast at the preset's lr 0.1
+    shapes = de.load_model("shapes", device="cpu")
+    images = [scenes.load_sample(name).image for name in ("star", "ring", "disk")]
+    options = dict(preset="masked", steps=20, patience=3, lr=0.01, precision="fp32", verbose=False)
+    separate = [de.explain(image, shapes, **options) for image in images]
+    batched = de.explain_batch(images, shapes, **options)
+    assert len({e.steps_run for e in separate}) > 1
+    for one, many in zip(separate, batched):
+        assert many.steps_run == one.steps_run
+        torch.testing.assert_close(many.mask, one.mask, atol=5e-3, rtol=0)
+        np.testing.assert_allclose(many.losses, one.losses, atol=1e-2)
+
+
+@pytest.mark.parametrize("bad, message", [({"generator": "unet"}, "generator must be one of seed, masked"),
+                                          ({"mask_size": 1}, "mask_size must be an integer ≥ 2"),
+                                          ({"tv_coeff": -1.0}, "tv_coeff must be zero or positive"),
+                                          ({"jitter": -2}, "jitter must be an integer ≥ 0")])
+def test_masked_hyperparameters_are_checked(bad, message):
+    with pytest.raises(ValueError, match=message):
+        de.resolve_hyperparameters("masked", **bad)
+
+
+def test_masked_map_points_at_the_only_region_the_classifier_reads():
+    image = scenes.make_scene(30_000_000).image
+    x = scenes.normalize(image[None])
+    model = RegionClassifier(x)
+    loaded = de.LoadedModel(model, de.load_model("shapes", device="cpu").preprocessing, ["region", "other"], "toy")
+    assert de.class_probabilities(model, x)[0, 0] > 0.95
+    result = de.explain(image, loaded, preset="masked", target=0, verbose=False)
+    region = np.zeros((SIZE, SIZE), dtype=bool)
+    region[REGION] = True
+    assert result.perturbed_score < 0.5
+    assert ev.pointing_hit(result.saliency, region, tolerance=0)
+    assert ev.com_hit(result.saliency, region, tolerance=0)
+    assert ev.energy_inside(result.saliency, region) > 0.5
