@@ -94,12 +94,9 @@ def run_configuration(model: str, device: str | None, weights_path: str | Path |
         torch.cuda.synchronize(loaded.device)
     seconds = time.perf_counter() - start
     peak = peak_memory(loaded.device)
-    com_hits, deletions = [], []
-    for case, explanation in zip(cases, explanations):
-        com_hits.append(float(ev.com_hit(explanation.saliency, case.mask)))
-        deletion, _ = ev.deletion_insertion_curves(loaded.model, case.x, case.target, explanation.saliency)
-        deletions.append(ev.curve_auc(deletion))
-    return Run(name, batch, len(cases), seconds, sum(e.steps_run for e in explanations), peak, com_hits, deletions)
+    scores = [ev.score_map(loaded.model, case, e.saliency) for case, e in zip(cases, explanations)]
+    return Run(name, batch, len(cases), seconds, sum(e.steps_run for e in explanations), peak,
+               [s["com_hit"] for s in scores], [s["deletion"] for s in scores])
 
 
 def _cases(loaded: de.LoadedModel, images: int) -> list[ev.Case]:
