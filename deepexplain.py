@@ -19,36 +19,41 @@ Example (runs offline on the embedded shapes model)::
     de.plot_panels(result).savefig("explanation.png")
 
 Stages, each a function of its own: :func:`read_image` → :class:`Preprocessing`
-→ :func:`load_model` and :func:`assess` → :class:`PerturbationGenerator` and
-:func:`optimize_perturbation` → :func:`difference_map`, :func:`sharpen`,
-:func:`crop_border`, :func:`dilate`, :func:`smooth`, :func:`center_of_mass` →
-plots (:func:`plot_panels`, :func:`plot_overlay`, :func:`plot_history`).
-:func:`explain` runs them all (``preset="fast"`` for the project's fast
-configuration, ``preset="masked"`` for its localizing variant with
-:class:`MaskedPerturbationGenerator`), :func:`explain_batch` several images in
-one optimization; the ``*_panel`` functions build the notebooks' widgets; ``python deepexplain.py
---help`` shows the command line. The embedded scenes and their model live in
-:mod:`deepexplain_scenes`, the evaluation harness in :mod:`deepexplain_eval`,
-the speed benchmark in :mod:`deepexplain_bench`.
+→ :func:`load_model` and :func:`assess` → :func:`make_generator`
+(:data:`GENERATORS`: :class:`PerturbationGenerator`,
+:class:`MaskedPerturbationGenerator`) and :func:`optimize_perturbation` →
+:func:`difference_map`, :func:`sharpen`, :func:`crop_border`, :func:`dilate`,
+:func:`smooth`, :func:`center_of_mass` → plots (:func:`plot_panels`,
+:func:`plot_overlay`, :func:`plot_history`). Every setting is declared once, in
+the settings class of its stage (:class:`GeneratorSettings`,
+:class:`OptimizationSettings`, :class:`PostprocessingSettings`, together
+:class:`Settings`), with its presets (:data:`PRESETS`: ``"seed"`` the seed
+document's values exactly, ``"fast"``, and ``"masked"``, the default).
+:func:`explain` runs it all, :func:`explain_batch` several images in one
+optimization; the ``*_panel`` functions build the notebooks' widgets. The
+embedded scenes and their model live in :mod:`deepexplain_scenes`, file writes
+and weights loading in :mod:`deepexplain_io`, the evaluation harness in
+:mod:`deepexplain_eval`, the speed benchmark in :mod:`deepexplain_bench` and
+the command line (``python deepexplain.py --help``) in :mod:`deepexplain_cli`;
+this module imports only the first two.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
 import sys
-import tempfile
 import time
+import typing
 import urllib.error
 import urllib.request
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, ClassVar, Iterator, Mapping, Sequence
 from urllib.parse import urlparse
 
 import matplotlib.pyplot as plt
@@ -62,50 +67,34 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import deepexplain_scenes as scenes
+from deepexplain_io import load_weights, read_state_dict, write_atomically
 
 __all__ = [
-    "SEED_PRESET", "FAST_PRESET", "MASKED_PRESET", "PRESETS", "DEFAULTS", "AUTO_MODEL", "OFFLINE_ENV",
+    "DIFFERENCES", "PRECISIONS", "GENERATOR_KINDS", "AUTO_MODEL", "OFFLINE_ENV",
     "load_image", "read_image", "to_rgb_uint8", "Preprocessing", "channel_mean",
     "LoadedModel", "load_model", "frozen", "resolve_device",
     "Prediction", "class_probabilities", "assess", "format_predictions",
-    "PerturbationGenerator", "MaskedPerturbationGenerator", "GENERATORS", "MASK_SETTINGS", "total_variation",
+    "PRESET_BASES", "DEFAULT_PRESET", "Interval", "setting", "SettingSpec", "GeneratorSettings",
+    "OptimizationSettings", "PostprocessingSettings", "STAGES", "Settings", "SETTINGS", "PRESETS",
+    "SEED_PRESET", "FAST_PRESET", "MASKED_PRESET", "DEFAULTS", "resolve_hyperparameters", "settings_table",
+    "PerturbationGenerator", "MaskedPerturbationGenerator", "GENERATORS", "make_generator", "total_variation",
     "OptimizationResult", "optimize_perturbation", "optimize_perturbations",
-    "PRECISIONS", "STOP_PROBABILITY", "STOP_IMPROVEMENT", "converged",
-    "DIFFERENCES", "difference_map", "sharpen", "crop_border", "dilate", "smooth", "center_of_mass",
-    "saliency_map", "resolve_hyperparameters", "Explanation", "explain", "explain_batch",
+    "STOP_PROBABILITY", "STOP_IMPROVEMENT", "converged",
+    "difference_map", "sharpen", "crop_border", "dilate", "smooth", "center_of_mass",
+    "saliency_map", "Explanation", "explain", "explain_batch",
     "with_postprocessing", "plot_panels", "plot_overlay", "plot_history", "plot_tensors",
     "figure_to_png", "Panel", "generator_panel", "optimization_panel", "postprocessing_panel",
-    "save_outputs", "main",
+    "save_outputs",
 ]
 
-#: The seed's hyperparameters, exactly (section 3.1 of the seed document).
-SEED_PRESET: Mapping[str, float | int | str] = MappingProxyType(dict(
-    kernel_size=3, nblocks=3, nlayers=3, steps=1000, lr=0.01, l1_coeff=1.0,
-    power=6, border=0.1, dilation=20, difference="signed-mean", smoothing=0.0, patience=0, precision="fp32",
-    generator="seed", mask_size=28, area_coeff=1.0, tv_coeff=0.2, jitter=0, runs=1,
-))
 #: How :func:`difference_map` reduces the three channels to one map (the seed's first).
 DIFFERENCES = ("signed-mean", "abs-sum")
 #: Arithmetic of the optimization's forward passes: fp32, or bfloat16 autocast.
 PRECISIONS = ("fp32", "bf16")
-#: The project's fast configuration (README, "Performance"): the seed's generator and loss, a 3× larger
-#: learning rate, at most 300 steps with the stopping rule of :func:`converged`, bfloat16 autocast.
-FAST_PRESET: Mapping[str, float | int | str] = MappingProxyType(dict(
-    SEED_PRESET, lr=0.03, steps=300, patience=20, precision="bf16",
-))
-#: The project's localizing variant (README, "Beyond the seed"): the masked generator
-#: (:class:`MaskedPerturbationGenerator`) with jitter on the fast preset's schedule, two runs whose masks are
-#: combined; the map is the combined mask, smoothed (16 px) and sharpened (power 4), neither cropped nor dilated.
-MASKED_PRESET: Mapping[str, float | int | str] = MappingProxyType(dict(
-    FAST_PRESET, generator="masked", lr=0.1, l1_coeff=0.0, tv_coeff=1.0, jitter=4, runs=2,
-    smoothing=16.0, power=4, border=0.0, dilation=1,
-))
-#: Named hyperparameter sets for ``explain(preset=...)``.
-PRESETS: Mapping[str, Mapping[str, float | int | str]] = MappingProxyType({
-    "seed": SEED_PRESET, "fast": FAST_PRESET, "masked": MASKED_PRESET})
-#: What ``explain`` uses when neither a preset nor a value is given: the masked generator, which measured
-#: better than the seed preset on every metric of the evaluation (README, "Beyond the seed").
-DEFAULTS = MASKED_PRESET
+#: Generator kinds (:data:`GENERATORS`): the seed's, which perturbs everywhere, and the masked one.
+GENERATOR_KINDS = ("plain", "masked")
+#: Old names of generator kinds, still accepted with a DeprecationWarning.
+GENERATOR_ALIASES = MappingProxyType({"seed": "plain"})
 
 #: The model ``"auto"`` prefers when its pretrained weights can be had.
 AUTO_MODEL = "vgg19"
@@ -207,13 +196,13 @@ class Preprocessing:
     ``__call__`` resizes an RGB uint8 H×W×3 image to ``size`` (the seed's
     ``skimage.transform.resize``: the whole image, no crop, anti-aliased), scales
     it to [0, 1] and normalizes each channel with ``mean``/``std``, in **RGB**
-    order. (The seed flipped the image to BGR before applying these RGB
+    order (by default ImageNet's, :data:`deepexplain_scenes.MEAN`/``STD``). (The seed flipped the image to BGR before applying these RGB
     statistics; torchvision's weights expect RGB, so that flip is a bug and is
     not reproduced here.)
     """
 
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = scenes.MEAN
+    std: tuple[float, float, float] = scenes.STD
     size: tuple[int, int] = (224, 224)
 
     def __call__(self, image: np.ndarray, device: torch.device | str | None = None) -> torch.Tensor:
@@ -318,20 +307,13 @@ def load_model(name: str | nn.Module | LoadedModel = "auto", device: torch.devic
         if note:
             print(note, file=sys.stderr)
     if name == "shapes":
-        model = _load_shapes_file(scenes.WEIGHTS_PATH if weights_path is None else weights_path)
-        loaded = LoadedModel(model, Preprocessing(scenes.MEAN, scenes.STD), scenes.CLASS_NAMES, name, note)
+        model = scenes.load_shapes_model(scenes.WEIGHTS_PATH if weights_path is None else weights_path)
+        loaded = LoadedModel(model, Preprocessing(), scenes.CLASS_NAMES, name, note)
     else:
         loaded = _load_torchvision_model(name, weights_path)
         loaded.note = note
     loaded.model.to(device).eval().requires_grad_(False)
     return loaded
-
-
-def _load_shapes_file(weights_path: str | os.PathLike) -> nn.Module:
-    """The embedded architecture with weights from a state_dict file (the shipped one by default)."""
-    model = scenes.ShapesNet()
-    _load_state_dict(model, _read_state_dict(weights_path), str(weights_path), "shapes")
-    return model
 
 
 def _load_torchvision_model(name: str, weights_path: str | os.PathLike | None) -> LoadedModel:
@@ -344,36 +326,11 @@ def _load_torchvision_model(name: str, weights_path: str | os.PathLike | None) -
     if weights_path is None:
         state, source = _pretrained_state_dict(name, weights), weights.url
     else:
-        state, source = _read_state_dict(weights_path), str(weights_path)
-    model = torchvision.models.get_model(name, weights=None)
-    _load_state_dict(model, state, source, name)
+        state, source = read_state_dict(weights_path), str(weights_path)
+    model = load_weights(torchvision.models.get_model(name, weights=None), state, name, source)
     norm = weights.transforms()
     return LoadedModel(model, Preprocessing(tuple(norm.mean), tuple(norm.std)),
                        weights.meta["categories"], name)
-
-
-def _read_state_dict(path: str | os.PathLike) -> dict:
-    """Read a state_dict with ``weights_only=True``; ValueError when it is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises pickle, zip and runtime errors alike
-        raise ValueError(f"not a PyTorch weights file: {path} ({type(err).__name__})") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state_dict")
-    return state
-
-
-def _load_state_dict(model: nn.Module, state: dict, source: str, name: str) -> None:
-    """``model.load_state_dict(state)``, with a one-line ValueError when it does not fit."""
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()
-        detail = (first[1].strip() if len(first) > 1 else first[0])[:200]
-        raise ValueError(f"weights in {source} do not match the {name!r} architecture: {detail}") from None
 
 
 def _cached_weights_file(url: str) -> Path:
@@ -488,20 +445,272 @@ def format_predictions(predictions: Sequence[Prediction]) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- settings
+
+#: Named sets of values for every setting. Each preset changes some values of the one before it: ``"seed"`` is
+#: the seed document's method exactly (its section 3.1); ``"fast"`` the same method on the project's fast
+#: schedule (README, "Performance"); ``"masked"`` the generator that also learns where to perturb (README,
+#: "Beyond the seed").
+PRESET_BASES: Mapping[str, str | None] = MappingProxyType({"seed": None, "fast": "seed", "masked": "fast"})
+#: The preset :func:`explain` and the command line use when none is given: it measured better than the seed
+#: preset on every metric of the evaluation (README, "Beyond the seed").
+DEFAULT_PRESET = "masked"
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A closed or open range of numbers, written as in mathematics: ``Interval.parse("[0, 0.5)")``."""
+
+    low: float
+    high: float
+    closed_low: bool = True
+    closed_high: bool = True
+
+    @classmethod
+    def parse(cls, text: str) -> Interval:
+        """``"[1, inf)"``, ``"(0, inf)"``, ``"[0, 0.5)"``: brackets say whether an end is included."""
+        low, high = (float(part) for part in text[1:-1].split(","))
+        return cls(low, high, text[0] == "[", text[-1] == "]")
+
+    def __contains__(self, value: float) -> bool:
+        above = value >= self.low if self.closed_low else value > self.low
+        below = value <= self.high if self.closed_high else value < self.high
+        return above and below
+
+    def __str__(self) -> str:
+        def end(v: float) -> str:
+            return "inf" if np.isinf(v) else f"{v:g}"
+        return f"{'[' if self.closed_low else '('}{end(self.low)}, {end(self.high)}{']' if self.closed_high else ')'}"
+
+
+def setting(seed: float | int | str, *, help: str, values: str | None = None, choices: Sequence[str] = (),
+            widget: tuple[float, float, float | str] | None = None, name: str | None = None, **presets):
+    """Declare one setting as a field of a stage's settings class: its value in the seed preset (the field's
+    default), the values other presets change it to (``fast=300``), the allowed ``values`` (an
+    :class:`Interval` text) or ``choices``, the range and step of its slider (``widget``, (low, high, step)),
+    (step ``"log"``: a logarithmic slider), the one-line ``help`` shown by the command line and the README, and its public ``name`` when that
+    differs from the field's."""
+    unknown = set(presets) - set(PRESET_BASES)
+    if unknown:
+        raise TypeError(f"setting(): unknown preset(s) {sorted(unknown)}")
+    return field(default=seed, metadata=dict(
+        help=help, interval=None if values is None else Interval.parse(values), choices=tuple(choices),
+        widget=widget, name=name, presets={"seed": seed, **presets}))
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    """What :func:`setting` declared, with the stage and Python type it belongs to."""
+
+    name: str
+    attribute: str
+    stage: str
+    type: type
+    help: str
+    interval: Interval | None
+    choices: tuple[str, ...]
+    widget: tuple[float, float, float | str] | None
+    presets: Mapping[str, float | int | str]
+
+    def value_in(self, preset: str) -> float | int | str:
+        """The value preset ``preset`` gives this setting (the closest preset before it that sets one)."""
+        while preset not in self.presets:
+            preset = PRESET_BASES[preset]
+        return self.presets[preset]
+
+    def allowed(self) -> str:
+        """The allowed values in words: ``"an integer in [1, inf)"``, ``"one of fp32, bf16"``."""
+        if self.choices:
+            return f"one of {', '.join(self.choices)}"
+        return f"{'an integer' if self.type is int else 'a number'} in {self.interval}"
+
+    def check(self, value: object) -> float | int | str:
+        """``value`` as this setting's type; TypeError for a wrong type, ValueError outside the allowed values."""
+        if self.type is str:
+            if not isinstance(value, str):
+                raise TypeError(f"{self.name} must be a string ({self.allowed()}), got {type(value).__name__}")
+            if value not in self.choices:
+                raise ValueError(f"{self.name} must be {self.allowed()}, got {value!r}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise TypeError(f"{self.name} must be {self.allowed()}, got {type(value).__name__} {value!r}")
+        if (self.type is int and (not np.isfinite(value) or int(value) != value)) or value not in self.interval:
+            raise ValueError(f"{self.name} must be {self.allowed()}, got {value}")
+        return int(value) if self.type is int or isinstance(value, (int, np.integer)) else float(value)
+
+
+class _Stage:
+    """Shared behaviour of the three settings classes: declarations, validation, presets and overrides."""
+
+    @classmethod
+    def specs(cls) -> tuple[SettingSpec, ...]:
+        """The declarations of this stage's settings, in order."""
+        types = typing.get_type_hints(cls)
+        return tuple(SettingSpec(f.metadata["name"] or f.name, f.name, cls.STAGE, types[f.name], f.metadata["help"],
+                                 f.metadata["interval"], f.metadata["choices"], f.metadata["widget"],
+                                 f.metadata["presets"]) for f in fields(cls))
+
+    @classmethod
+    def from_preset(cls, preset: str = "seed"):
+        """This stage's settings as preset ``preset`` gives them."""
+        return cls(**{spec.attribute: spec.value_in(preset) for spec in cls.specs()})
+
+    def __post_init__(self):
+        for spec in self.specs():
+            object.__setattr__(self, spec.attribute, spec.check(getattr(self, spec.attribute)))
+
+    def updated(self, **values):
+        """A copy with some settings changed, by public name (``generator=`` for ``kind``); None keeps a value."""
+        by_name = {spec.name: spec.attribute for spec in self.specs()}
+        unknown = set(values) - set(by_name)
+        if unknown:
+            raise ValueError(f"unknown {self.STAGE} setting(s): {', '.join(sorted(unknown))} "
+                             f"(known: {', '.join(by_name)})")
+        return replace(self, **{by_name[name]: v for name, v in values.items() if v is not None})
+
+    def as_dict(self) -> dict:
+        """The settings by public name."""
+        return {spec.name: getattr(self, spec.attribute) for spec in self.specs()}
+
+
+@dataclass(frozen=True)
+class GeneratorSettings(_Stage):
+    """How the perturbation generator is built (:func:`make_generator`). Defaults: the seed preset's."""
+
+    STAGE: ClassVar[str] = "generator"
+    kind: str = setting("plain", masked="masked", name="generator", choices=GENERATOR_KINDS,
+                        help="generator kind: 'plain' perturbs everywhere (the seed's), 'masked' also "
+                             "learns where")
+    kernel_size: int = setting(3, values="[1, inf)", widget=(1, 9, 2),
+                               help="side of the generator's shared square conv kernel (made odd)")
+    nblocks: int = setting(3, values="[1, inf)", widget=(1, 6, 1), help="blocks of convolutions, each ending in a ReLU")
+    nlayers: int = setting(3, values="[1, inf)", widget=(1, 6, 1), help="convolutions per block (one shared conv)")
+    mask_size: int = setting(28, values="[2, inf)", widget=(7, 56, 7),
+                             help="masked generator: side of the mask's grid of logits")
+    area_coeff: float = setting(1.0, values="[0, inf)", widget=(0.0, 4.0, 0.1),
+                                help="masked generator: weight of the mask's area in the loss")
+    tv_coeff: float = setting(0.2, masked=1.0, values="[0, inf)", widget=(0.0, 4.0, 0.1),
+                              help="masked generator: weight of the mask's total variation in the loss")
+
+    def __post_init__(self):
+        if self.kind in GENERATOR_ALIASES:
+            warnings.warn(f"generator {self.kind!r} is now called {GENERATOR_ALIASES[self.kind]!r}",
+                          DeprecationWarning, stacklevel=4)
+            object.__setattr__(self, "kind", GENERATOR_ALIASES[self.kind])
+        super().__post_init__()
+        if self.kernel_size % 2 == 0:
+            warnings.warn(f"kernel_size {self.kernel_size} is even; using {self.kernel_size + 1}", stacklevel=4)
+            object.__setattr__(self, "kernel_size", self.kernel_size + 1)
+
+
+@dataclass(frozen=True)
+class OptimizationSettings(_Stage):
+    """How the generator is trained (:func:`optimize_perturbations`). Defaults: the seed preset's."""
+
+    STAGE: ClassVar[str] = "optimization"
+    steps: int = setting(1000, fast=300, values="[1, inf)", widget=(1, 2000, 1),
+                         help="Adam steps (at most, when patience > 0)")
+    lr: float = setting(0.01, fast=0.03, masked=0.1, values="(0, inf)", widget=(1e-4, 1.0, "log"),
+                        help="Adam's learning rate")
+    l1_coeff: float = setting(1.0, masked=0.0, values="[0, inf)", widget=(0.0, 5.0, 0.1),
+                              help="weight of the L1 term, mean abs(x - x_pert), in the loss")
+    patience: int = setting(0, fast=20, values="[0, inf)",
+                            help="stop when the stopping rule held for this many steps (0: never stop early)")
+    precision: str = setting("fp32", fast="bf16", choices=PRECISIONS,
+                             help="arithmetic of the forward passes: fp32 or bfloat16 autocast")
+    jitter: int = setting(0, masked=4, values="[0, inf)", help="shift the perturbed image by up to this many px "
+                                                               "each step (0: never)")
+    runs: int = setting(1, masked=2, values="[1, inf)",
+                        help="optimizations from successive generator seeds; their masks are combined")
+
+
+@dataclass(frozen=True)
+class PostprocessingSettings(_Stage):
+    """How the saliency map is made from the optimization's result (:func:`saliency_map`).
+    Defaults: the seed preset's."""
+
+    STAGE: ClassVar[str] = "postprocessing"
+    difference: str = setting("signed-mean", choices=DIFFERENCES,
+                              help="how x - x_pert is reduced over channels (plain generator)")
+    smoothing: float = setting(0.0, masked=16.0, values="[0, inf)", widget=(0.0, 32.0, 1.0),
+                               help="Gaussian blur sigma in px before sharpening (0: none)")
+    power: float = setting(6, masked=4, values="(0, inf)", widget=(0.5, 12.0, 0.5),
+                           help="exponent that sharpens the map")
+    border: float = setting(0.1, masked=0.0, values="[0, 0.5)", widget=(0.0, 0.45, 0.01),
+                            help="fraction of rows and columns zeroed on every side")
+    dilation: int = setting(20, masked=1, values="[1, inf)", widget=(1, 40, 1),
+                            help="side of the square of the grey dilation (1: none)")
+
+
+#: The three stages' settings classes, in pipeline order.
+STAGES = (GeneratorSettings, OptimizationSettings, PostprocessingSettings)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of an explanation, by stage. ``Settings.from_preset("fast", lr=0.05)``."""
+
+    generator: GeneratorSettings = field(default_factory=GeneratorSettings)
+    optimization: OptimizationSettings = field(default_factory=OptimizationSettings)
+    postprocessing: PostprocessingSettings = field(default_factory=PostprocessingSettings)
+
+    def __post_init__(self):
+        if self.optimization.runs > 1 and self.generator.kind != "masked":
+            raise ValueError(f"runs must be 1 with the {self.generator.kind!r} generator (more runs combine "
+                             f"masks, which only the masked generator has), got {self.optimization.runs}")
+
+    @classmethod
+    def from_preset(cls, preset: str | None = None, **values) -> Settings:
+        """Preset ``preset`` (None: :data:`DEFAULT_PRESET`) with some settings changed by name (None = unchanged).
+
+        Raises ValueError for an unknown preset or setting name or a value out of range, TypeError for a
+        value of the wrong type.
+        """
+        preset = DEFAULT_PRESET if preset is None else preset
+        if preset not in PRESET_BASES:
+            raise ValueError(f"unknown preset {preset!r} (known: {', '.join(PRESET_BASES)})")
+        return cls(*(stage.from_preset(preset) for stage in STAGES)).updated(**values)
+
+    def updated(self, **values) -> Settings:
+        """A copy with settings changed by public name, whatever their stage; None keeps a value."""
+        unknown = set(values) - set(SETTINGS)
+        if unknown:
+            raise ValueError(f"unknown setting(s): {', '.join(sorted(unknown))} (known: {', '.join(SETTINGS)})")
+        return Settings(*(getattr(self, stage.STAGE).updated(
+            **{name: v for name, v in values.items() if SETTINGS[name].stage == stage.STAGE}) for stage in STAGES))
+
+    def as_dict(self) -> dict:
+        """Every setting by public name, stage after stage."""
+        return {name: value for stage in STAGES for name, value in getattr(self, stage.STAGE).as_dict().items()}
+
+
+#: Every setting's declaration by public name, stage after stage.
+SETTINGS: Mapping[str, SettingSpec] = MappingProxyType({spec.name: spec for stage in STAGES for spec in stage.specs()})
+#: Every preset's values by public name, as flat read-only dicts (``PRESETS["fast"]["lr"]``).
+PRESETS: Mapping[str, Mapping[str, float | int | str]] = MappingProxyType(
+    {name: MappingProxyType(Settings.from_preset(name).as_dict()) for name in PRESET_BASES})
+SEED_PRESET, FAST_PRESET, MASKED_PRESET = PRESETS["seed"], PRESETS["fast"], PRESETS["masked"]
+#: What :func:`explain` uses when neither a preset nor a value is given.
+DEFAULTS = PRESETS[DEFAULT_PRESET]
+
+
+def resolve_hyperparameters(preset: str | None = None, **overrides) -> dict:
+    """The settings to use as one flat dict: ``Settings.from_preset(preset, **overrides).as_dict()``."""
+    return Settings.from_preset(preset, **overrides).as_dict()
+
+
+def settings_table() -> str:
+    """The settings as a Markdown table (the README's): name, stage, allowed values, each preset's value, help."""
+    header = ["setting", "stage", "allowed", *(f"`{p}`" for p in PRESET_BASES), "what it does"]
+    rows = [[f"`{spec.name}`", spec.stage, spec.allowed(), *(f"{spec.value_in(p)}" for p in PRESET_BASES),
+             spec.help] for spec in SETTINGS.values()]
+    return "\n".join("| " + " | ".join(row) + " |" for row in [header, ["---"] * len(header), *rows])
+
+
 # --------------------------------------------------------------------------- generator
 
-def _odd_kernel_size(kernel_size: int) -> int:
-    """The seed's rule: an even kernel size is made odd (+1) so that 'same' padding exists."""
-    if int(kernel_size) != kernel_size or kernel_size < 1:
-        raise ValueError(f"kernel_size must be a positive integer, got {kernel_size}")
-    if kernel_size % 2 == 0:
-        warnings.warn(f"kernel_size {kernel_size} is even; using {kernel_size + 1}", stacklevel=3)
-        return int(kernel_size) + 1
-    return int(kernel_size)
-
-
 class PerturbationGenerator(nn.Module):
-    """The seed's perturbation CNN: one 3→3 conv, shared by every layer.
+    """The seed's perturbation CNN (kind ``"plain"``): one 3→3 conv, shared by every layer.
 
     ``forward`` maps a normalized N×3×H×W tensor to a perturbed tensor of the
     same shape: ``nblocks`` blocks of (the conv applied ``nlayers`` times, then a
@@ -515,16 +724,25 @@ class PerturbationGenerator(nn.Module):
     image i goes through generator i only (with one copy, every image of a
     batch goes through the same generator), so one optimization explains n images as n
     separate runs would. :meth:`stack` builds one from single generators.
+    Its settings (:class:`GeneratorSettings`) are kept in ``settings``.
     """
 
-    def __init__(self, kernel_size: int = 3, nblocks: int = 3, nlayers: int = 3, copies: int = 1):
+    KIND: ClassVar[str] = "plain"
+
+    def __init__(self, kernel_size: int = GeneratorSettings.kernel_size, nblocks: int = GeneratorSettings.nblocks,
+                 nlayers: int = GeneratorSettings.nlayers, *, copies: int = 1):
         super().__init__()
-        for arg, value in (("nblocks", nblocks), ("nlayers", nlayers), ("copies", copies)):
-            if int(value) != value or value < 1:
-                raise ValueError(f"{arg} must be a positive integer, got {value}")
-        kernel_size = _odd_kernel_size(kernel_size)
-        self.conv = nn.Conv2d(3 * copies, 3 * copies, kernel_size, padding=kernel_size // 2, groups=copies)
-        self.nblocks, self.nlayers, self.copies = int(nblocks), int(nlayers), int(copies)
+        if isinstance(copies, bool) or int(copies) != copies or copies < 1:
+            raise ValueError(f"copies must be a positive integer, got {copies}")
+        self.settings = GeneratorSettings(kind=self.KIND, kernel_size=kernel_size, nblocks=nblocks, nlayers=nlayers)
+        k = self.settings.kernel_size
+        self.conv = nn.Conv2d(3 * copies, 3 * copies, k, padding=k // 2, groups=int(copies))
+        self.nblocks, self.nlayers, self.copies = self.settings.nblocks, self.settings.nlayers, int(copies)
+
+    @classmethod
+    def from_settings(cls, settings: GeneratorSettings, copies: int = 1) -> PerturbationGenerator:
+        """A generator of this kind built from the settings it reads (the global RNG draws its weights)."""
+        return cls(settings.kernel_size, settings.nblocks, settings.nlayers, copies=copies)
 
     @classmethod
     def stack(cls, generators: Sequence[PerturbationGenerator]) -> PerturbationGenerator:
@@ -535,15 +753,11 @@ class PerturbationGenerator(nn.Module):
                 target.copy_(torch.cat(sources))
         return stacked
 
-    def _settings(self) -> dict:
-        """The constructor's arguments other than ``copies``."""
-        return dict(kernel_size=self.conv.kernel_size[0], nblocks=self.nblocks, nlayers=self.nlayers)
-
     def _with_copies(self, copies: int) -> PerturbationGenerator:
         """A generator of the same kind and settings with ``copies`` copies, on the same device;
         the global RNG is untouched."""
         with torch.random.fork_rng(devices=[]):
-            fresh = type(self)(**self._settings(), copies=copies)
+            fresh = type(self).from_settings(self.settings, copies)
         return fresh.to(self.conv.weight.device)
 
     def penalty(self) -> torch.Tensor:
@@ -572,7 +786,7 @@ class PerturbationGenerator(nn.Module):
 class MaskedPerturbationGenerator(PerturbationGenerator):
     """The seed's learned perturbation, applied only where a learned mask says: x_pert = m·G(x) + (1 − m)·x.
 
-    G is the seed's generator (:class:`PerturbationGenerator`, same arguments).
+    Kind ``"masked"``. G is the seed's generator (:class:`PerturbationGenerator`, same arguments).
     The mask m ∈ [0, 1] (1 = perturbed) is the sigmoid of a
     ``mask_size``×``mask_size`` grid of logits per copy, upsampled bilinearly
     to the image's H×W, so it is smooth by construction. The logits start at
@@ -587,19 +801,23 @@ class MaskedPerturbationGenerator(PerturbationGenerator):
     (:meth:`mask`), not where the perturbation changed pixels most.
     """
 
+    KIND: ClassVar[str] = "masked"
     INITIAL_LOGIT = 3.0
 
-    def __init__(self, kernel_size: int = 3, nblocks: int = 3, nlayers: int = 3, copies: int = 1,
-                 mask_size: int = 28, area_coeff: float = 1.0, tv_coeff: float = 0.2):
-        super().__init__(kernel_size, nblocks, nlayers, copies)
-        if int(mask_size) != mask_size or mask_size < 2:
-            raise ValueError(f"mask_size must be an integer ≥ 2, got {mask_size}")
-        self.logits = nn.Parameter(torch.full((self.copies, 1, int(mask_size), int(mask_size)), self.INITIAL_LOGIT))
-        self.area_coeff, self.tv_coeff = float(area_coeff), float(tv_coeff)
+    def __init__(self, kernel_size: int = GeneratorSettings.kernel_size, nblocks: int = GeneratorSettings.nblocks,
+                 nlayers: int = GeneratorSettings.nlayers, *, copies: int = 1,
+                 mask_size: int = GeneratorSettings.mask_size, area_coeff: float = GeneratorSettings.area_coeff,
+                 tv_coeff: float = GeneratorSettings.tv_coeff):
+        super().__init__(kernel_size, nblocks, nlayers, copies=copies)
+        self.settings = replace(self.settings, mask_size=mask_size, area_coeff=area_coeff, tv_coeff=tv_coeff)
+        size = self.settings.mask_size
+        self.logits = nn.Parameter(torch.full((self.copies, 1, size, size), self.INITIAL_LOGIT))
+        self.area_coeff, self.tv_coeff = self.settings.area_coeff, self.settings.tv_coeff
 
-    def _settings(self) -> dict:
-        return dict(super()._settings(), mask_size=self.logits.shape[-1], area_coeff=self.area_coeff,
-                    tv_coeff=self.tv_coeff)
+    @classmethod
+    def from_settings(cls, settings: GeneratorSettings, copies: int = 1) -> MaskedPerturbationGenerator:
+        return cls(settings.kernel_size, settings.nblocks, settings.nlayers, copies=copies,
+                   mask_size=settings.mask_size, area_coeff=settings.area_coeff, tv_coeff=settings.tv_coeff)
 
     def penalty(self) -> torch.Tensor:
         """area_coeff · mean(m) + tv_coeff · total_variation(m), on the low-resolution mask; shape (copies,)."""
@@ -629,21 +847,23 @@ def _unit_range(y: torch.Tensor) -> torch.Tensor:
     return (y - y_min) / span.clamp_min(torch.finfo(y.dtype).tiny)
 
 
-#: Generator kinds for ``explain(generator=...)``: :class:`PerturbationGenerator`, :class:`MaskedPerturbationGenerator`.
-GENERATORS = ("seed", "masked")
-#: The hyperparameters only the masked generator reads.
-MASK_SETTINGS = ("mask_size", "area_coeff", "tv_coeff")
+#: Generator classes by kind (the ``generator`` setting): each builds itself from :class:`GeneratorSettings`.
+GENERATORS: Mapping[str, type[PerturbationGenerator]] = MappingProxyType(
+    {cls.KIND: cls for cls in (PerturbationGenerator, MaskedPerturbationGenerator)})
 
 
-def _seeded_generator(seed: int, kernel_size: int, nblocks: int, nlayers: int, generator: str = "seed",
-                      **mask_settings) -> PerturbationGenerator:
-    """A generator of kind ``generator`` (:data:`GENERATORS`) initialised from ``seed`` without touching
-    the caller's global RNG state; ``mask_settings`` (:data:`MASK_SETTINGS`) go to the masked kind only."""
+def make_generator(settings: GeneratorSettings | None = None, *, seed: int = 0, copies: int = 1,
+                   **values) -> PerturbationGenerator:
+    """A new generator of kind ``settings.kind`` (:data:`GENERATORS`), its weights drawn from random seed
+    ``seed`` without touching the caller's global RNG state, so the same seed gives the same generator.
+
+    ``settings`` defaults to the seed preset's; ``values`` change settings by name:
+    ``make_generator(kernel_size=5, seed=1)``, ``make_generator(generator="masked")``.
+    """
+    settings = (settings or GeneratorSettings()).updated(**values)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if generator == "masked":
-            return MaskedPerturbationGenerator(kernel_size, nblocks, nlayers, **mask_settings)
-        return PerturbationGenerator(kernel_size, nblocks, nlayers)
+        return GENERATORS[settings.kind].from_settings(settings, copies)
 
 
 # --------------------------------------------------------------------------- optimization
@@ -671,13 +891,13 @@ class OptimizationResult:
     mask: torch.Tensor | None
 
 
-def optimize_perturbation(model: nn.Module, x: torch.Tensor, generator: PerturbationGenerator,
-                          target: int, steps: int = 1000, lr: float = 0.01, l1_coeff: float = 1.0,
-                          patience: int = 0, precision: str = "fp32", jitter: int = 0, progress: bool = True,
-                          callback: Callable[[int, float], None] | None = None) -> OptimizationResult:
+def optimize_perturbation(model: nn.Module, x: torch.Tensor, generator: PerturbationGenerator, target: int,
+                          settings: OptimizationSettings | None = None, *, progress: bool = True,
+                          callback: Callable[[int, float], None] | None = None, **values) -> OptimizationResult:
     """Train ``generator`` so that ``model`` loses confidence in ``target`` on ``generator(x)``.
 
-    The seed's loss: softmax probability of ``target`` + ``l1_coeff`` ·
+    ``settings`` (default: the seed preset's :class:`OptimizationSettings`), with
+    ``values`` changing some by name (``steps=300``), say how. The seed's loss: softmax probability of ``target`` + ``l1_coeff`` ·
     mean|x − x_pert| (+ the generator's :meth:`~PerturbationGenerator.penalty`,
     zero for the seed's), minimized with Adam (``lr``) over the generator's
     parameters only, for ``steps`` steps — or fewer with ``patience`` > 0 (see
@@ -690,14 +910,14 @@ def optimize_perturbation(model: nn.Module, x: torch.Tensor, generator: Perturba
     given, is called after every step (step counts from 1), e.g. to drive a
     progress widget. :func:`optimize_perturbations` does the same for a batch.
     """
-    return optimize_perturbations(model, x, generator, [target], steps, lr, l1_coeff, patience, precision,
-                                  jitter, progress, _first_image(callback))[0]
+    return optimize_perturbations(model, x, generator, [target], settings, progress=progress,
+                                  callback=_first_image(callback), **values)[0]
 
 
 def optimize_perturbations(model: nn.Module, x: torch.Tensor, generator: PerturbationGenerator,
-                           targets: Sequence[int], steps: int = 1000, lr: float = 0.01, l1_coeff: float = 1.0,
-                           patience: int = 0, precision: str = "fp32", jitter: int = 0, progress: bool = True,
-                           callback: Callable[[int, np.ndarray], None] | None = None) -> list[OptimizationResult]:
+                           targets: Sequence[int], settings: OptimizationSettings | None = None, *,
+                           progress: bool = True, callback: Callable[[int, np.ndarray], None] | None = None,
+                           **values) -> list[OptimizationResult]:
     """:func:`optimize_perturbation` for n images at once: one result per image, in order.
 
     ``x`` is n×3×H×W, ``targets`` n class indices, ``generator`` holds n copies
@@ -710,14 +930,14 @@ def optimize_perturbations(model: nn.Module, x: torch.Tensor, generator: Perturb
     bfloat16; the final perturbed images and their scores are computed in fp32.
     A result's ``seconds`` is the wall time from the start until that image
     finished. ``callback(step, probabilities)`` gets the target probabilities
-    of the images still running.
+    of the images still running. ``settings.runs`` is :func:`explain_batch`'s, not read here.
     """
+    settings = (settings or OptimizationSettings()).updated(**values)
+    steps, lr, patience, jitter = settings.steps, settings.lr, settings.patience, settings.jitter
     n = x.shape[0]
     if len(targets) != n or generator.copies != n:
         raise ValueError(f"{n} images need {n} targets and a generator with {n} copies, "
                          f"got {len(targets)} and {generator.copies}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
     generator = _in_cpu_layout(generator.to(x.device), x)
     if x.device.type == "cpu":  # measured 2.5x faster for the generator's 3-channel convs on CPU
         x = x.contiguous(memory_format=torch.channels_last)
@@ -732,12 +952,12 @@ def optimize_perturbations(model: nn.Module, x: torch.Tensor, generator: Perturb
     with frozen(model):
         originals = class_probabilities(model, x)[torch.arange(n), targets].tolist()
         for step in tqdm(range(1, steps + 1), desc="optimizing", disable=not progress, leave=False):
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16"):
                 x_pert = generator(xs)
                 logits = model(torch.roll(x_pert, shifts[step - 1], dims=(2, 3)) if jitter else x_pert)
             probabilities = torch.softmax(logits.float(), dim=1)[torch.arange(len(running)), ts]
             l1s = (xs - x_pert.float()).abs().mean(dim=(1, 2, 3))
-            losses = probabilities + l1_coeff * l1s + generator.penalty()
+            losses = probabilities + settings.l1_coeff * l1s + generator.penalty()
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
             optimizer.step()
@@ -824,7 +1044,8 @@ def converged(losses: Sequence[float], probabilities: Sequence[float], original:
 
 # --------------------------------------------------------------------------- post-processing
 
-def difference_map(x: torch.Tensor, x_pert: torch.Tensor, difference: str = "signed-mean") -> np.ndarray:
+def difference_map(x: torch.Tensor, x_pert: torch.Tensor,
+                   difference: str = PostprocessingSettings.difference) -> np.ndarray:
     """x − x_pert reduced over channels to an H×W float64 map.
 
     ``"signed-mean"`` (the seed's): channel mean of x minus channel mean of
@@ -838,12 +1059,12 @@ def difference_map(x: torch.Tensor, x_pert: torch.Tensor, difference: str = "sig
     raise ValueError(f"unknown difference {difference!r} (known: {', '.join(DIFFERENCES)})")
 
 
-def sharpen(diff: np.ndarray, power: float = 6) -> np.ndarray:
+def sharpen(diff: np.ndarray, power: float = PostprocessingSettings.power) -> np.ndarray:
     """|diff| ** power: a soft threshold that keeps the largest differences (≥ 0, H×W)."""
     return np.abs(diff) ** power
 
 
-def crop_border(saliency: np.ndarray, border: float = 0.1) -> np.ndarray:
+def crop_border(saliency: np.ndarray, border: float = PostprocessingSettings.border) -> np.ndarray:
     """A copy with a ``border`` fraction of rows and columns zeroed on every side (the seed's 10%)."""
     h, w = saliency.shape
     out = np.zeros_like(saliency)
@@ -853,12 +1074,12 @@ def crop_border(saliency: np.ndarray, border: float = 0.1) -> np.ndarray:
     return out
 
 
-def dilate(saliency: np.ndarray, dilation: int = 20) -> np.ndarray:
+def dilate(saliency: np.ndarray, dilation: int = PostprocessingSettings.dilation) -> np.ndarray:
     """Grey dilation with a ``dilation``×``dilation`` square (scikit-image, as the seed)."""
     return morphology.dilation(saliency, np.ones((dilation, dilation), dtype=bool))
 
 
-def smooth(saliency: np.ndarray, sigma: float = 0.0) -> np.ndarray:
+def smooth(saliency: np.ndarray, sigma: float = PostprocessingSettings.smoothing) -> np.ndarray:
     """Gaussian blur with σ = ``sigma`` px (SciPy); 0 returns the map unchanged.
 
     Unlike :func:`dilate`, which keeps every peak, a blur ranks regions by their
@@ -877,65 +1098,22 @@ def center_of_mass(saliency: np.ndarray) -> tuple[float, float] | None:
     return float(row), float(col)
 
 
-def saliency_map(x: torch.Tensor, x_pert: torch.Tensor, power: float = 6, border: float = 0.1,
-                 dilation: int = 20, difference: str = "signed-mean", mask: torch.Tensor | None = None,
-                 smoothing: float = 0.0) -> np.ndarray:
+def saliency_map(x: torch.Tensor, x_pert: torch.Tensor, settings: PostprocessingSettings | None = None, *,
+                 mask: torch.Tensor | None = None, **values) -> np.ndarray:
     """All post-processing stages: difference → smooth → sharpen → crop border → dilate. H×W float32, ≥ 0.
 
-    With a masked generator's ``mask`` (1×1×H×W in [0, 1]) the first stage is
-    the mask itself — where the perturbation had to act — instead of the difference.
+    ``x``, ``x_pert``: normalized 1×3×H×W tensors. ``settings`` (default: the
+    seed preset's :class:`PostprocessingSettings`), with ``values`` changing
+    some by name (``power=2``). With a masked generator's ``mask`` (1×1×H×W in
+    [0, 1]) the first stage is the mask itself — where the perturbation had to
+    act — instead of the difference.
     """
-    source = difference_map(x, x_pert, difference) if mask is None else mask[0, 0].detach().cpu().double().numpy()
-    return dilate(crop_border(sharpen(smooth(source, smoothing), power), border), dilation).astype(np.float32)
+    s = (settings or PostprocessingSettings()).updated(**values)
+    source = difference_map(x, x_pert, s.difference) if mask is None else mask[0, 0].detach().cpu().double().numpy()
+    return dilate(crop_border(sharpen(smooth(source, s.smoothing), s.power), s.border), s.dilation).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- explain
-
-def resolve_hyperparameters(preset: str | None = None, **overrides) -> dict:
-    """The hyperparameters to use: DEFAULTS, then ``preset``, then ``overrides`` (None = unset).
-
-    Raises ValueError for an unknown preset or name, or an out-of-range value;
-    an even kernel size is made odd with a warning.
-    """
-    unknown = set(overrides) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown hyperparameter(s): {', '.join(sorted(unknown))} "
-                         f"(known: {', '.join(DEFAULTS)})")
-    if preset is not None and preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
-    hp = {**DEFAULTS, **(PRESETS[preset] if preset else {}),
-          **{k: v for k, v in overrides.items() if v is not None}}
-    _check_hyperparameters(hp)
-    hp["kernel_size"] = _odd_kernel_size(hp["kernel_size"])
-    return hp
-
-
-def _check_hyperparameters(hp: dict) -> None:
-    checks = {
-        "steps": (hp["steps"] >= 1 and int(hp["steps"]) == hp["steps"], "a positive integer"),
-        "lr": (hp["lr"] > 0, "positive"),
-        "l1_coeff": (hp["l1_coeff"] >= 0, "zero or positive"),
-        "nblocks": (hp["nblocks"] >= 1 and int(hp["nblocks"]) == hp["nblocks"], "a positive integer"),
-        "nlayers": (hp["nlayers"] >= 1 and int(hp["nlayers"]) == hp["nlayers"], "a positive integer"),
-        "power": (hp["power"] > 0, "positive"),
-        "border": (0 <= hp["border"] < 0.5, "in [0, 0.5)"),
-        "dilation": (hp["dilation"] >= 1 and int(hp["dilation"]) == hp["dilation"], "an integer ≥ 1"),
-        "smoothing": (hp["smoothing"] >= 0, "zero or positive"),
-        "difference": (hp["difference"] in DIFFERENCES, f"one of {', '.join(DIFFERENCES)}"),
-        "patience": (hp["patience"] >= 0 and int(hp["patience"]) == hp["patience"], "an integer ≥ 0"),
-        "precision": (hp["precision"] in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
-        "generator": (hp["generator"] in GENERATORS, f"one of {', '.join(GENERATORS)}"),
-        "mask_size": (hp["mask_size"] >= 2 and int(hp["mask_size"]) == hp["mask_size"], "an integer ≥ 2"),
-        "area_coeff": (hp["area_coeff"] >= 0, "zero or positive"),
-        "tv_coeff": (hp["tv_coeff"] >= 0, "zero or positive"),
-        "jitter": (hp["jitter"] >= 0 and int(hp["jitter"]) == hp["jitter"], "an integer ≥ 0"),
-        "runs": (hp["runs"] >= 1 and int(hp["runs"]) == hp["runs"] and (hp["runs"] == 1 or hp["generator"] == "masked"),
-                 "an integer ≥ 1 (more than 1 only with the masked generator)"),
-    }
-    for name, (ok, must_be) in checks.items():
-        if not ok:
-            raise ValueError(f"{name} must be {must_be}, got {hp[name]}")
-
 
 @dataclass
 class Explanation(OptimizationResult):
@@ -944,21 +1122,27 @@ class Explanation(OptimizationResult):
     ``input``/``perturbed``: normalized 1×3×H×W tensors; ``saliency``: H×W
     float32 ≥ 0; ``center_of_mass``: (row, col) in pixels of the H×W map, or
     None when the map is all zero; ``label``: the target's class name;
-    ``predictions``: the model's top 5 for ``input``.
+    ``predictions``: the model's top 5 for ``input``; ``settings``: every
+    setting used; ``seed``: the random seed of the (first) generator.
     """
 
     input: torch.Tensor
     saliency: np.ndarray
     center_of_mass: tuple[float, float] | None
     label: str
-    hyperparameters: dict
+    settings: Settings
     model_name: str
     predictions: list[Prediction]
     preprocessing: Preprocessing = field(repr=False)
     seed: int = 0
 
+    @property
+    def hyperparameters(self) -> dict:
+        """Every setting by name, as one flat dict (``settings.as_dict()``)."""
+        return self.settings.as_dict()
+
     def summary(self) -> dict:
-        """A JSON-ready dict: model, target, scores, center of mass, steps, time and hyperparameters."""
+        """A JSON-ready dict: model, target, scores, center of mass, steps, time and every setting."""
         return {
             "model": self.model_name, "target": self.target, "label": self.label,
             "original_score": self.original_score, "perturbed_score": self.perturbed_score,
@@ -972,33 +1156,33 @@ class Explanation(OptimizationResult):
 
 def explain(image: str | os.PathLike | np.ndarray | Image.Image,
             model: str | nn.Module | LoadedModel = "auto", *, preset: str | None = None,
-            target: int | None = None, seed: int = 0, device: torch.device | str | None = None,
-            weights_path: str | os.PathLike | None = None, verbose: bool = True,
-            callback: Callable[[int, float], None] | None = None, **hyperparameters) -> Explanation:
+            settings: Settings | None = None, target: int | None = None, seed: int = 0,
+            device: torch.device | str | None = None, weights_path: str | os.PathLike | None = None,
+            verbose: bool = True, callback: Callable[[int, float], None] | None = None, **values) -> Explanation:
     """Explain why ``model`` gives ``image`` its top class (or class ``target``): the seed's ``main()``.
 
     ``image`` is anything :func:`read_image` takes; ``model`` is
-    anything :func:`load_model` takes (or a :class:`LoadedModel`). Hyperparameters
-    (the keys of :data:`SEED_PRESET`) default to :data:`DEFAULTS`, the masked
-    generator that also learns where to perturb (:data:`MASKED_PRESET`,
-    :class:`MaskedPerturbationGenerator`); ``preset="seed"`` selects the seed's
-    method and values exactly, ``preset="fast"`` the seed's method on the
-    project's fast schedule (:data:`FAST_PRESET`). ``seed`` fixes the
-    generator's initialisation, so a run is reproducible on the same device.
+    anything :func:`load_model` takes (or a :class:`LoadedModel`). The settings
+    (:data:`SETTINGS`; the README's table) come from ``preset`` (default
+    :data:`DEFAULT_PRESET`, the masked generator that also learns where to
+    perturb; ``"seed"`` is the seed's method and values exactly, ``"fast"`` the
+    seed's method on the project's fast schedule) or from a :class:`Settings`
+    object, with ``values`` changing some by name (``lr=0.05``). ``seed`` fixes
+    the generator's initialisation, so a run is reproducible on the same device.
     With ``verbose`` the top-5 assessment is printed and a progress bar shown;
     ``callback`` goes to :func:`optimize_perturbation`.
     """
-    return explain_batch([image], model, preset=preset, targets=None if target is None else [target], seed=seed,
-                         device=device, weights_path=weights_path, verbose=verbose, callback=_first_image(callback),
-                         **hyperparameters)[0]
+    return explain_batch([image], model, preset=preset, settings=settings,
+                         targets=None if target is None else [target], seed=seed, device=device,
+                         weights_path=weights_path, verbose=verbose, callback=_first_image(callback), **values)[0]
 
 
 def explain_batch(images: Sequence[str | os.PathLike | np.ndarray | Image.Image],
                   model: str | nn.Module | LoadedModel = "auto", *, preset: str | None = None,
-                  targets: Sequence[int] | None = None, seed: int = 0, device: torch.device | str | None = None,
-                  weights_path: str | os.PathLike | None = None, verbose: bool = True,
-                  callback: Callable[[int, np.ndarray], None] | None = None,
-                  **hyperparameters) -> list[Explanation]:
+                  settings: Settings | None = None, targets: Sequence[int] | None = None, seed: int = 0,
+                  device: torch.device | str | None = None, weights_path: str | os.PathLike | None = None,
+                  verbose: bool = True, callback: Callable[[int, np.ndarray], None] | None = None,
+                  **values) -> list[Explanation]:
     """:func:`explain` for several images in one optimization: one Explanation per image, in order.
 
     Each image gets its own generator, initialised from ``seed`` exactly as
@@ -1015,7 +1199,7 @@ def explain_batch(images: Sequence[str | os.PathLike | np.ndarray | Image.Image]
     images still running, run after run. Memory grows with the number of
     images: split a long list into batches of about 16.
     """
-    hp = resolve_hyperparameters(preset, **hyperparameters)
+    settings = _resolve_settings(preset, settings, values)
     if len(images) == 0:
         raise ValueError("no images to explain")
     if targets is not None and len(targets) != len(images):
@@ -1031,24 +1215,31 @@ def explain_batch(images: Sequence[str | os.PathLike | np.ndarray | Image.Image]
     for target in targets:
         _check_target(target, probs.shape[1])
     runs = []  # runs[r][i]: run r's result for image i
-    for run in range(hp["runs"]):
-        generator = PerturbationGenerator.stack([_seeded_generator(
-            seed + run, hp["kernel_size"], hp["nblocks"], hp["nlayers"], hp["generator"],
-            **{name: hp[name] for name in MASK_SETTINGS})] * len(images))
-        runs.append(optimize_perturbations(loaded.model, x, generator, targets, hp["steps"], hp["lr"],
-                                           hp["l1_coeff"], hp["patience"], hp["precision"], hp["jitter"],
+    for run in range(settings.optimization.runs):
+        generator = PerturbationGenerator.stack([make_generator(settings.generator, seed=seed + run)] * len(images))
+        runs.append(optimize_perturbations(loaded.model, x, generator, targets, settings.optimization,
                                            progress=verbose, callback=callback))
     explanations = []
     for i in range(len(images)):
         xi = x[i:i + 1]
         result = _combined_runs([results[i] for results in runs])
-        saliency = saliency_map(xi, result.perturbed, hp["power"], hp["border"], hp["dilation"], hp["difference"],
-                                result.mask, hp["smoothing"])
+        saliency = saliency_map(xi, result.perturbed, settings.postprocessing, mask=result.mask)
         explanations.append(Explanation(
             **vars(result), input=xi, saliency=saliency, center_of_mass=center_of_mass(saliency),
-            label=loaded.label(result.target), hyperparameters=hp, model_name=loaded.name,
+            label=loaded.label(result.target), settings=settings, model_name=loaded.name,
             predictions=predictions[i], preprocessing=loaded.preprocessing, seed=seed))
     return explanations
+
+
+def _resolve_settings(preset: str | None, settings: Settings | None, values: Mapping[str, object]) -> Settings:
+    """``settings`` or preset ``preset``'s, with ``values`` changed by name; not both a preset and settings."""
+    if settings is None:
+        return Settings.from_preset(preset, **values)
+    if preset is not None:
+        raise ValueError(f"give a preset or a Settings object, not both (got preset {preset!r})")
+    if not isinstance(settings, Settings):
+        raise TypeError(f"settings must be a deepexplain.Settings, got {type(settings).__name__}")
+    return settings.updated(**values)
 
 
 def _combined_runs(results: Sequence[OptimizationResult]) -> OptimizationResult:
@@ -1066,19 +1257,14 @@ def _check_target(target: int, num_classes: int) -> None:
                          f"(0 to {num_classes - 1})")
 
 
-def with_postprocessing(explanation: Explanation, power: float, border: float, dilation: int,
-                        difference: str | None = None) -> Explanation:
-    """A copy of ``explanation`` with its map recomputed for other post-processing values (no re-optimization).
-
-    ``difference`` None keeps the explanation's own.
-    """
-    difference = difference or explanation.hyperparameters["difference"]
-    hp = resolve_hyperparameters(**{**explanation.hyperparameters, "power": power, "border": border,
-                                    "dilation": dilation, "difference": difference})
-    saliency = saliency_map(explanation.input, explanation.perturbed, power, border, dilation, hp["difference"],
-                            explanation.mask, hp["smoothing"])
-    return replace(explanation, saliency=saliency, center_of_mass=center_of_mass(saliency), hyperparameters=hp)
-
+def with_postprocessing(explanation: Explanation, settings: PostprocessingSettings | None = None,
+                        **values) -> Explanation:
+    """A copy of ``explanation`` with its map recomputed (no re-optimization) for other post-processing
+    ``settings`` (default: the explanation's own), with ``values`` changing some by name (``power=2``)."""
+    post = (settings or explanation.settings.postprocessing).updated(**values)
+    saliency = saliency_map(explanation.input, explanation.perturbed, post, mask=explanation.mask)
+    return replace(explanation, saliency=saliency, center_of_mass=center_of_mass(saliency),
+                   settings=replace(explanation.settings, postprocessing=post))
 
 
 # --------------------------------------------------------------------------- plots
@@ -1111,7 +1297,7 @@ def plot_panels(explanation: Explanation, axes=None) -> plt.Figure:
     panels = [(channel_mean(explanation.input), "processed image", "viridis"),
               (channel_mean(explanation.perturbed), "perturbed image", "viridis"),
               (explanation.saliency, "mask (where it perturbed)" if explanation.mask is not None
-               else f"differences (power {explanation.hyperparameters['power']})", "Greys")]
+               else f"differences (power {explanation.settings.postprocessing.power:g})", "Greys")]
     for ax, (data, title, cmap) in zip(axes, panels):
         fig.colorbar(ax.imshow(data, cmap=cmap), ax=ax, fraction=0.046)
         ax.set_title(title)
@@ -1195,34 +1381,47 @@ class Panel:
         return self.widget._repr_mimebundle_(**kwargs)
 
 
-def _int_slider(name: str, value: int, low: int, high: int, step: int = 1):
-    import ipywidgets as widgets
-    return widgets.IntSlider(value=value, min=low, max=high, step=step, description=name,
-                             continuous_update=False)
-
-
-def _float_slider(name: str, value: float, low: float, high: float, step: float):
-    import ipywidgets as widgets
-    return widgets.FloatSlider(value=value, min=low, max=high, step=step, description=name,
-                               continuous_update=False)
-
-
-def _generator_controls(kernel_size: int, nblocks: int, nlayers: int) -> dict:
-    return {"kernel_size": _int_slider("kernel_size", kernel_size, 1, 9, 2),
-            "nblocks": _int_slider("nblocks", nblocks, 1, 6),
-            "nlayers": _int_slider("nlayers", nlayers, 1, 6)}
-
-
-def generator_panel(x: torch.Tensor, kernel_size: int = 3, nblocks: int = 3, nlayers: int = 3,
-                    seed: int = 0) -> Panel:
-    """Sliders that rebuild an untrained generator and redraw, at once, what it does to ``x`` (1×3×H×W)."""
+def _control(name: str, value: float | int | str):
+    """The widget for setting ``name`` (:data:`SETTINGS`) at ``value``: a menu for a choice, else a
+    slider over the declared widget range (widened to take ``value``)."""
     import ipywidgets as widgets
 
-    controls = _generator_controls(kernel_size, nblocks, nlayers)
+    spec = SETTINGS[name]
+    if spec.choices:
+        return widgets.Dropdown(options=spec.choices, value=value, description=name)
+    low, high, step = spec.widget
+    if step == "log":
+        return widgets.FloatLogSlider(value=value, base=10, min=np.log10(min(low, value)),
+                                      max=np.log10(max(high, value)), description=name, continuous_update=False)
+    slider = widgets.IntSlider if spec.type is int else widgets.FloatSlider
+    return slider(value=value, min=min(low, value), max=max(high, value), step=step, description=name,
+                  continuous_update=False)
+
+
+def _controls(settings: Settings, names: Sequence[str]) -> dict:
+    """One control per setting name, each at its value in ``settings``."""
+    values = settings.as_dict()
+    return {name: _control(name, values[name]) for name in names}
+
+
+#: The generator's shape, as the generator and optimization panels offer it.
+_GENERATOR_CONTROLS = ("kernel_size", "nblocks", "nlayers")
+
+
+def generator_panel(x: torch.Tensor, settings: GeneratorSettings | None = None, *, seed: int = 0,
+                    **values) -> Panel:
+    """Sliders that rebuild an untrained generator and redraw, at once, what it does to ``x`` (1×3×H×W).
+
+    The sliders start at ``settings`` (default: the seed preset's), with ``values`` changing some by name.
+    """
+    import ipywidgets as widgets
+
+    start = Settings(generator=(settings or GeneratorSettings()).updated(**values))
+    controls = _controls(start, _GENERATOR_CONTROLS)
     image = widgets.Image(format="png")
 
     def redraw(_=None):
-        generator = _seeded_generator(seed, **{name: c.value for name, c in controls.items()})
+        generator = make_generator(start.generator, seed=seed, **{name: c.value for name, c in controls.items()})
         with torch.no_grad():
             out = generator.to(x.device)(x)
         image.value = figure_to_png(plot_tensors({"input": x, "untrained generator output": out}))
@@ -1234,36 +1433,33 @@ def generator_panel(x: torch.Tensor, kernel_size: int = 3, nblocks: int = 3, nla
 
 
 def optimization_panel(images: Mapping[str, object], model: str | nn.Module | LoadedModel = "auto", *,
-                       steps: int = 1000, lr: float = 0.01, l1_coeff: float = 1.0, kernel_size: int = 3,
-                       nblocks: int = 3, nlayers: int = 3, seed: int = 0) -> Panel:
-    """Controls for every optimization knob and a Run button that reruns :func:`explain` with live progress.
+                       preset: str = "seed", seed: int = 0, **values) -> Panel:
+    """Controls for the optimization's knobs and a Run button that reruns :func:`explain` with live progress.
 
-    ``images`` maps names to anything :func:`explain` takes. Nothing runs until
-    Run is clicked (or ``panel.run.click()`` is called); the result is drawn with
-    :func:`plot_panels` and kept in ``panel.result``.
+    ``images`` maps names to anything :func:`explain` takes. The controls start
+    at ``preset``'s values (default the seed's), with ``values`` changing some by
+    name. Nothing runs until Run is clicked (or ``panel.run.click()`` is
+    called); the result is drawn with :func:`plot_panels` and kept in ``panel.result``.
     """
     import ipywidgets as widgets
 
     loaded = load_model(model)
+    start = Settings.from_preset(preset, **values)
     controls = {"image": widgets.Dropdown(options=list(images), description="image"),
-                "steps": _int_slider("steps", steps, 1, max(2000, steps)),
-                "lr": widgets.FloatLogSlider(value=lr, base=10, min=-4, max=0, description="lr",
-                                             continuous_update=False),
-                "l1_coeff": _float_slider("l1_coeff", l1_coeff, 0.0, 5.0, 0.1),
-                **_generator_controls(kernel_size, nblocks, nlayers)}
+                **_controls(start, ("steps", "lr", "l1_coeff", *_GENERATOR_CONTROLS))}
     run = widgets.Button(description="Run", button_style="primary", icon="play")
-    progress = widgets.IntProgress(value=0, min=0, max=steps, description="steps")
+    progress = widgets.IntProgress(value=0, min=0, max=start.optimization.steps, description="steps")
     image = widgets.Image(format="png")
     panel = Panel(widgets.VBox([widgets.HBox(list(controls.values())[:4]),
                                 widgets.HBox([*list(controls.values())[4:], run]), progress, image]),
                   controls, image, run, progress)
 
     def on_run(_=None):
-        hp = {name: c.value for name, c in controls.items() if name != "image"}
-        progress.max, progress.value, run.disabled = hp["steps"], 0, True
+        chosen = start.updated(**{name: c.value for name, c in controls.items() if name != "image"})
+        progress.max, progress.value, run.disabled = chosen.optimization.steps, 0, True
         try:
-            panel.result = explain(images[controls["image"].value], loaded, preset="seed", seed=seed, verbose=False,
-                                   callback=lambda step, _: setattr(progress, "value", step), **hp)
+            panel.result = explain(images[controls["image"].value], loaded, settings=chosen, seed=seed,
+                                   verbose=False, callback=lambda step, _: setattr(progress, "value", step))
             image.value = figure_to_png(plot_panels(panel.result))
         finally:
             run.disabled = False
@@ -1272,16 +1468,15 @@ def optimization_panel(images: Mapping[str, object], model: str | nn.Module | Lo
     return panel
 
 
-def postprocessing_panel(explanation: Explanation, power: float = 6, border: float = 0.1,
-                         dilation: int = 20, difference: str = "signed-mean") -> Panel:
-    """Sliders for power / border / dilation and a difference menu that redraw the map at once
-    from a stored result."""
+def postprocessing_panel(explanation: Explanation, **values) -> Panel:
+    """Controls for every post-processing setting that redraw the map at once from a stored result.
+
+    They start at the explanation's own settings, with ``values`` changing some by name.
+    """
     import ipywidgets as widgets
 
-    controls = {"power": _float_slider("power", power, 0.5, 12.0, 0.5),
-                "border": _float_slider("border", border, 0.0, 0.45, 0.01),
-                "dilation": _int_slider("dilation", dilation, 1, 40),
-                "difference": widgets.Dropdown(options=DIFFERENCES, value=difference, description="difference")}
+    start = explanation.settings.updated(**values)
+    controls = _controls(start, [spec.name for spec in PostprocessingSettings.specs()])
     image = widgets.Image(format="png")
     panel = Panel(widgets.VBox([widgets.HBox(list(controls.values())), image]), controls, image)
 
@@ -1295,34 +1490,11 @@ def postprocessing_panel(explanation: Explanation, power: float = 6, border: flo
     return panel
 
 
-# --------------------------------------------------------------------------- command line
-
-def _umask() -> int:
-    """The process's file-creation mask (reading it means setting it, so it is set back at once)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _write_atomically(writers: Mapping[Path, Callable]) -> None:
-    """Write every file through a temporary name, then rename them all; on failure leave none."""
-    temps: list[tuple[str, Path]] = []
-    try:
-        for path, write in writers.items():
-            handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False)
-            temps.append((handle.name, path))
-            with handle:
-                write(handle)
-            os.chmod(handle.name, 0o666 & ~_umask())  # temporary files are private; outputs are not
-        for temp, path in temps:
-            os.replace(temp, path)
-    finally:
-        for temp, _ in temps:
-            Path(temp).unlink(missing_ok=True)
-
+# --------------------------------------------------------------------------- outputs
 
 def save_outputs(explanation: Explanation, out_dir: str | os.PathLike, stem: str) -> list[Path]:
-    """Write ``<stem>_explanation.png``, ``<stem>_saliency.npy`` and ``<stem>_summary.json`` whole."""
+    """Write ``<stem>_explanation.png``, ``<stem>_saliency.npy`` and ``<stem>_summary.json`` whole
+    (all three or none: :func:`deepexplain_io.write_atomically`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fig = plot_panels(explanation)
@@ -1333,104 +1505,13 @@ def save_outputs(explanation: Explanation, out_dir: str | os.PathLike, stem: str
         out_dir / f"{stem}_summary.json": lambda f: f.write(summary),
     }
     try:
-        _write_atomically(writers)
+        write_atomically(writers)
     finally:
         plt.close(fig)
     return list(writers)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepexplain.py", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    ex = commands.add_parser("explain", help="explain an image's top class and write the results")
-    ex.add_argument("image", help="a JPEG/PNG/GIF file, or an embedded sample's name (e.g. star)")
-    ex.add_argument("--model", default="auto", help="auto, vgg19, shapes or a torchvision model name")
-    ex.add_argument("--weights", type=Path, help="a local state_dict file for the model's architecture")
-    ex.add_argument("--target", type=int, help="class index to explain (default: the top class)")
-    ex.add_argument("--preset", choices=sorted(PRESETS), help="a named hyperparameter set")
-    for name, value in DEFAULTS.items():
-        choices = {"difference": DIFFERENCES, "precision": PRECISIONS, "generator": GENERATORS}.get(name)
-        ex.add_argument(f"--{name.replace('_', '-')}", type=type(value), choices=choices, help=f"default {value}")
-    ex.add_argument("--seed", type=int, default=0, help="initialisation seed of the generator")
-    ex.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    ex.add_argument("--out", type=Path, default=Path("results"), help="output folder (default results/)")
-    tr = commands.add_parser("train", help="train the embedded shapes model (or the planted-shortcut one)")
-    tr.add_argument("--shortcut", action="store_true",
-                    help="train the planted-shortcut model on tagged scenes (saved beside the embedded model)")
-    tr.add_argument("--out", type=Path, help="where to save the weights (default: data/)")
-    ev = commands.add_parser("evaluate", help="score every explanation method on the embedded scenes")
-    ev.add_argument("--scenes", type=int, default=100, help="scenes to explain (default 100)")
-    ev.add_argument("--model", default="shapes", help="the model to explain (default shapes)")
-    ev.add_argument("--methods", nargs="+", metavar="METHOD",
-                    help="methods to run (default all: random center saliency integrated-gradients "
-                         "occlusion grad-cam fong-vedaldi ours ours-fast ours-masked)")
-    ev.add_argument("--steps", type=int, help="override the optimizing methods' steps (quick runs)")
-    ev.add_argument("--sanity-scenes", type=int, default=5, help="scenes for the randomization check")
-    ev.add_argument("--shortcut-scenes", type=int, default=20, help="scenes for the planted shortcut")
-    ev.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    ev.add_argument("--out", type=Path, default=Path("evaluation"), help="output folder (default evaluation/)")
-    be = commands.add_parser("bench", help="time the seed preset against the fast configuration")
-    be.add_argument("--model", default="shapes", help="shapes (default), vgg19 or a torchvision model name; "
-                    "without its pretrained weights a torchvision model runs with random ones")
-    be.add_argument("--weights", type=Path, help="a local state_dict file for the model's architecture")
-    be.add_argument("--images", type=int, default=20, help="embedded scenes to explain (default 20)")
-    be.add_argument("--batch", type=int, default=16, help="images per batched optimization (default 16)")
-    be.add_argument("--quick", action="store_true", help="2 scenes, 10 steps: a smoke run, not a measurement")
-    be.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    return parser
+if __name__ == "__main__":  # `python deepexplain.py ...`: the command line lives in deepexplain_cli
+    import runpy
 
-
-def _train(args: argparse.Namespace) -> None:
-    if args.shortcut:
-        out, options = scenes.SHORTCUT_WEIGHTS_PATH, {**scenes.SHORTCUT_TRAINING, "marked": True}
-    else:
-        out, options = scenes.WEIGHTS_PATH, {}
-    print(json.dumps(scenes.train(args.out or out, **options), indent=2))
-
-
-def _evaluate(args: argparse.Namespace, argv: Sequence[str]) -> None:
-    import deepexplain_eval  # imported here, not at the top: it imports this module
-
-    result = deepexplain_eval.evaluate(args.scenes, args.model, args.methods, steps=args.steps,
-                                       sanity_scenes=args.sanity_scenes, shortcut_scenes=args.shortcut_scenes,
-                                       device=args.device)
-    command = " ".join(["python deepexplain.py", *argv])
-    for path in deepexplain_eval.write_report(result, args.out, command):
-        print(f"wrote {path}")
-    print(deepexplain_eval.main_table(result))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; returns the exit status (2 with a one-line message for bad input)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = _parser().parse_args(argv)
-    try:
-        if args.command == "train":
-            _train(args)
-            return 0
-        if args.command == "evaluate":
-            _evaluate(args, argv)
-            return 0
-        if args.command == "bench":
-            import deepexplain_bench  # imported here, not at the top: it imports this module
-
-            print(deepexplain_bench.benchmark(args.model, args.images, args.batch, args.quick, args.device,
-                                              args.weights)[2])
-            return 0
-        hyper = {name: getattr(args, name) for name in DEFAULTS}
-        result = explain(args.image, args.model, preset=args.preset, target=args.target, seed=args.seed,
-                         device=args.device, weights_path=args.weights, **hyper)
-        print(f"original score: {result.original_score:.4f}  perturbed score: {result.perturbed_score:.2e}")
-        for path in save_outputs(result, args.out, Path(args.image).stem):
-            print(f"wrote {path}")
-        return 0
-    except (ValueError, OSError) as err:
-        print(f"deepexplain: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("deepexplain: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    runpy.run_module("deepexplain_cli", run_name="__main__")

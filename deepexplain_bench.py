@@ -1,7 +1,7 @@
 """Speed benchmark: the seed preset against the project's fast configuration.
 
 One run, one machine, one model, the same embedded scenes (those of the
-evaluation, :data:`deepexplain_eval.EXPLAIN_FIRST_SEED` on) explained three ways:
+evaluation, :data:`deepexplain_eval.FIRST_SCENE_ID` on) explained three ways:
 
 * ``seed``: the seed preset (:data:`deepexplain.SEED_PRESET`: 1000 steps, fp32), one image at a time;
 * ``fast``: :data:`deepexplain.FAST_PRESET` (stopping rule, larger learning rate, bf16), one image at a time;
@@ -10,7 +10,7 @@ evaluation, :data:`deepexplain_eval.EXPLAIN_FIRST_SEED` on) explained three ways
 For each: steps run, image-steps per second, seconds per explanation, peak
 memory, and the quality of the maps — center-of-mass hit rate and deletion AUC
 (:mod:`deepexplain_eval`) — then the ratios, and a last line ``key=value …``
-for scripts. ``python deepexplain.py bench --help`` runs it.
+for scripts. ``python deepexplain.py bench --help`` (:mod:`deepexplain_cli`) runs it.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class Run:
         return float(np.mean(self.deletions))
 
 
-def run_configuration(model: str, device: str | None, weights_path: str | Path | None, images: int,
+def run_configuration(model: str, device: str | None, weights_path: str | Path | None, *, images: int,
                       name: str, preset: str, batch: int, steps: int | None = None) -> Run:
     """Explain the first ``images`` scenes with ``preset``, ``batch`` images per optimization.
 
@@ -100,7 +100,7 @@ def run_configuration(model: str, device: str | None, weights_path: str | Path |
 
 
 def _cases(loaded: de.LoadedModel, images: int) -> list[ev.Case]:
-    return ev.scene_cases(loaded, range(ev.EXPLAIN_FIRST_SEED, ev.EXPLAIN_FIRST_SEED + images))
+    return ev.scene_cases(loaded, range(ev.FIRST_SCENE_ID, ev.FIRST_SCENE_ID + images))
 
 
 def step_flops(loaded: de.LoadedModel, case: ev.Case) -> dict[str, int]:
@@ -157,10 +157,10 @@ def benchmark(model: str = "shapes", images: int = 20, batch: int = 16, quick: b
     loaded, note = load_bench_model(model, device, weights_path)  # fails here, once, on bad input
     configurations = [("seed", "seed", 1), ("fast", "fast", 1), ("fast-batch", "fast", min(batch, images))]
     runs = []
-    for configuration in configurations:  # a fresh process each, so that each peak memory is its own
+    for name, preset, size in configurations:  # a fresh process each, so that each peak memory is its own
         with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            runs.append(pool.submit(run_configuration, model, device, weights_path, images, *configuration,
-                                    steps).result())
+            runs.append(pool.submit(run_configuration, model, device, weights_path, images=images, name=name,
+                                    preset=preset, batch=size, steps=steps).result())
     cases = _cases(loaded, 1)
     seed, fast, fast_batch = runs
     flops = step_flops(loaded, cases[0])

@@ -54,9 +54,10 @@ from tqdm.auto import tqdm
 
 import deepexplain as de
 import deepexplain_scenes as scenes
+from deepexplain_io import write_atomically
 
 __all__ = [
-    "EXPLAIN_FIRST_SEED", "POINTING_TOLERANCE", "COM_TOLERANCE", "METHODS", "METRICS",
+    "FIRST_SCENE_ID", "POINTING_TOLERANCE", "COM_TOLERANCE", "METHODS", "METRICS",
     "pointing_hit", "com_hit", "energy_inside", "blurred", "deletion_insertion_curves", "curve_auc",
     "center_gaussian", "meaningful_perturbation", "gradcam_layer", "randomized_copy",
     "rank_correlation", "mean_ci", "Case", "scene_cases", "run_methods", "score_map",
@@ -67,8 +68,8 @@ __all__ = [
 
 #: Where the project's own full evaluation run is kept (``python deepexplain.py evaluate --out data/evaluation``).
 REPORT_DIR = Path(__file__).resolve().parent / "data" / "evaluation"
-#: Scenes explained by the evaluation start at this seed (training, accuracy and samples use others).
-EXPLAIN_FIRST_SEED = 30_000_000
+#: Scenes explained by the evaluation start at this scene id (training, accuracy and samples use others).
+FIRST_SCENE_ID = 30_000_000
 #: Pointing game: the maximum may lie this many pixels outside the object (Zhang et al. 2016).
 POINTING_TOLERANCE = 15
 #: Center-of-mass hit: the marker may lie this many pixels outside the object.
@@ -175,13 +176,14 @@ def curve_auc(curve: np.ndarray) -> float:
 
 class Case(NamedTuple):
     """One scene to explain: uint8 H×W×3 ``image``, its normalized 1×3×H×W ``x``, the explained
-    class ``target``, its bool H×W object ``mask`` and a per-scene ``seed`` for random choices."""
+    class ``target``, its bool H×W object ``mask`` and its ``scene_id`` (the random seed
+    :func:`deepexplain_scenes.make_scene` draws it from; per-scene random choices are seeded with it too)."""
 
     image: np.ndarray
     x: torch.Tensor
     target: int
     mask: np.ndarray
-    seed: int
+    scene_id: int
 
 
 def center_gaussian(shape: tuple[int, int], sigma: float = 0.25) -> np.ndarray:
@@ -190,7 +192,7 @@ def center_gaussian(shape: tuple[int, int], sigma: float = 0.25) -> np.ndarray:
     return np.exp(-0.5 * ((rows[:, None] / (sigma * shape[0])) ** 2 + (cols[None] / (sigma * shape[1])) ** 2))
 
 
-def meaningful_perturbation(model: nn.Module, x: torch.Tensor, target: int, steps: int = 300,
+def meaningful_perturbation(model: nn.Module, x: torch.Tensor, target: int, *, steps: int = 300,
                             lr: float = 0.1, area_coeff: float = 1.0, tv_coeff: float = 0.2,
                             tv_power: float = 3.0, mask_size: int = 28, init: float = 0.5,
                             jitter: int = 4, seed: int = 0) -> np.ndarray:
@@ -242,7 +244,7 @@ def _pixel_map(attribution: torch.Tensor) -> np.ndarray:
 
 
 def _random(loaded, case: Case, steps) -> dict[str, np.ndarray]:
-    return {"random": np.random.default_rng(case.seed).random(case.mask.shape)}
+    return {"random": np.random.default_rng(case.scene_id).random(case.mask.shape)}
 
 
 def _center(loaded, case: Case, steps) -> dict[str, np.ndarray]:
@@ -275,25 +277,24 @@ def _gradcam(loaded: de.LoadedModel, case: Case, steps) -> dict[str, np.ndarray]
 
 
 def _fong_vedaldi(loaded: de.LoadedModel, case: Case, steps) -> dict[str, np.ndarray]:
-    return {"fong-vedaldi": meaningful_perturbation(loaded.model, case.x, case.target, seed=case.seed,
+    return {"fong-vedaldi": meaningful_perturbation(loaded.model, case.x, case.target, seed=case.scene_id,
                                                     **({} if steps is None else {"steps": steps}))}
 
 
-#: deepexplain's post-processing variants: name → saliency_map keyword arguments.
+#: deepexplain's post-processing variants of the seed preset: name → the settings they change.
 OURS_VARIANTS: Mapping[str, dict] = {
-    "ours-seed": dict(difference="signed-mean", power=6, border=0.1),
-    "ours-no-crop": dict(difference="signed-mean", power=6, border=0.0),
-    "ours-abs-p6": dict(difference="abs-sum", power=6, border=0.1),
-    "ours-abs-p2": dict(difference="abs-sum", power=2, border=0.1),
-    "ours-abs-p1": dict(difference="abs-sum", power=1, border=0.1),
+    "ours-seed": {},
+    "ours-no-crop": dict(border=0.0),
+    "ours-abs-p6": dict(difference="abs-sum"),
+    "ours-abs-p2": dict(difference="abs-sum", power=2),
+    "ours-abs-p1": dict(difference="abs-sum", power=1),
 }
 
 
 def _ours(loaded: de.LoadedModel, case: Case, steps) -> dict[str, np.ndarray]:
     """deepexplain with the seed preset (generator seed 0); one optimization, every post-processing variant."""
     result = _explain_case(loaded, case, "seed", steps)
-    dilation = result.hyperparameters["dilation"]
-    return {name: de.saliency_map(result.input, result.perturbed, dilation=dilation, **options)
+    return {name: de.saliency_map(result.input, result.perturbed, result.settings.postprocessing, **options)
             for name, options in OURS_VARIANTS.items()}
 
 
@@ -420,18 +421,18 @@ def machine_name(device: torch.device) -> str:
     return f"{os.cpu_count()} CPU cores, {platform.machine()}"
 
 
-def scene_cases(loaded: de.LoadedModel, seeds: Sequence[int], marks: str | None = None) -> list[Case]:
-    """Scenes ``seeds`` prepared for ``loaded``; ``marks`` as in
+def scene_cases(loaded: de.LoadedModel, scene_ids: Sequence[int], marks: str | None = None) -> list[Case]:
+    """Scenes ``scene_ids`` prepared for ``loaded``; ``marks`` as in
     :func:`deepexplain_scenes.make_scene_with_marks`.
 
     The target of each Case is the model's top class, the class the method explains.
     """
     cases = []
-    for seed in seeds:
-        scene = scenes.make_scene_with_marks(seed, marks)
+    for scene_id in scene_ids:
+        scene = scenes.make_scene_with_marks(scene_id, marks)
         x = loaded.preprocessing(scene.image, device=loaded.device)
         target = int(de.class_probabilities(loaded.model, x).argmax())
-        cases.append(Case(scene.image, x, target, scene.mask, seed))
+        cases.append(Case(scene.image, x, target, scene.mask, scene_id))
     return cases
 
 
@@ -450,7 +451,7 @@ def _main_scores(loaded, cases, methods, steps, n_kept,
     for case in tqdm(cases, desc="scenes", disable=not progress):
         maps, seconds = run_methods(loaded, case, methods, steps)
         for name, saliency in maps.items():
-            scores.append({"seed": case.seed, "method": name, "target": case.target,
+            scores.append({"scene_id": case.scene_id, "method": name, "target": case.target,
                            **score_map(loaded.model, case, saliency), "seconds": seconds[name]})
         if len(kept) < n_kept:
             kept.append(maps)
@@ -466,7 +467,7 @@ def _sanity_scores(loaded, cases, trained_maps, methods, steps, progress) -> lis
     for case, trained in zip(tqdm(cases, desc="sanity check", disable=not progress), trained_maps):
         for level, randomized in levels.items():
             maps, _ = run_methods(randomized, case, methods, steps)
-            rows += [{"seed": case.seed, "level": level, "method": name,
+            rows += [{"scene_id": case.scene_id, "level": level, "method": name,
                       "spearman": rank_correlation(trained[name], maps[name])} for name in maps]
     return rows
 
@@ -476,7 +477,7 @@ def _shortcut_scores(loaded, cases, methods, steps, progress) -> list[dict]:
     rows = []
     for case in tqdm(cases, desc="shortcut", disable=not progress):
         maps, _ = run_methods(loaded, case, methods, steps)
-        rows += [{"seed": case.seed, "method": name, "target": case.target,
+        rows += [{"scene_id": case.scene_id, "method": name, "target": case.target,
                   "on_tag": energy_inside(saliency, tag), "on_object": energy_inside(saliency, case.mask),
                   "points_at_tag": float(pointing_hit(saliency, tag)),
                   "points_at_object": float(pointing_hit(saliency, case.mask))}
@@ -485,11 +486,11 @@ def _shortcut_scores(loaded, cases, methods, steps, progress) -> list[dict]:
 
 
 def evaluate(n_scenes: int = 100, model: str | nn.Module | de.LoadedModel = "shapes",
-             methods: Sequence[str] | None = None, *, first_seed: int = EXPLAIN_FIRST_SEED,
+             methods: Sequence[str] | None = None, *, first_scene_id: int = FIRST_SCENE_ID,
              steps: int | None = None, sanity_scenes: int = 5, shortcut_scenes: int = 20,
              accuracy_scenes: int = 500, n_examples: int = 4, device: str | None = None,
              progress: bool = True) -> EvaluationResult:
-    """Explain scenes ``first_seed`` … ``first_seed + n_scenes − 1`` with every method and score every map.
+    """Explain scenes ``first_scene_id`` … ``first_scene_id + n_scenes − 1`` with every method and score every map.
 
     ``methods``: names from :data:`METHODS` (default: all). The first
     ``sanity_scenes`` scenes also go through the randomization sanity check,
@@ -506,12 +507,12 @@ def evaluate(n_scenes: int = 100, model: str | nn.Module | de.LoadedModel = "sha
         if int(value) != value or value < least:
             raise ValueError(f"{name} must be a whole number ≥ {least}, got {value}")
     loaded = de.load_model(model, device=device)
-    cases = scene_cases(loaded, range(first_seed, first_seed + n_scenes))
+    cases = scene_cases(loaded, range(first_scene_id, first_scene_id + n_scenes))
     scores, kept = _main_scores(loaded, cases, methods, steps, max(n_examples, sanity_scenes), progress)
     examples = [{"image": case.image, "mask": case.mask, "maps": maps}
                 for case, maps in zip(cases, kept[:n_examples])]
     result = EvaluationResult(scores, examples=examples, settings={
-        "n_scenes": n_scenes, "first_seed": first_seed, "model": loaded.name, "methods": methods,
+        "n_scenes": n_scenes, "first_scene_id": first_scene_id, "model": loaded.name, "methods": methods,
         "steps": steps, "device": str(loaded.device), "threads": torch.get_num_threads(),
         "machine": machine_name(loaded.device)})
     if sanity_scenes:
@@ -520,7 +521,7 @@ def evaluate(n_scenes: int = 100, model: str | nn.Module | de.LoadedModel = "sha
         shortcut = de.load_model("shapes", device=device, weights_path=scenes.SHORTCUT_WEIGHTS_PATH)
         result.shortcut_accuracy = {marks: scenes.accuracy(shortcut.model, accuracy_scenes, marks=marks)
                                     for marks in ("match", "swap")}
-        shortcut_cases = scene_cases(shortcut, range(first_seed, first_seed + shortcut_scenes), marks="match")
+        shortcut_cases = scene_cases(shortcut, range(first_scene_id, first_scene_id + shortcut_scenes), marks="match")
         result.shortcut = _shortcut_scores(shortcut, shortcut_cases, methods, steps, progress)
     return result
 
@@ -590,13 +591,13 @@ def paired_differences(scores: Sequence[dict], method: str, baseline: str,
     """``method`` − ``baseline`` on the scenes both scored: per key, the mean per-scene difference
     with its 95% Student-t interval (paired: both maps explain the same scene). ``scores``: rows as
     in :attr:`EvaluationResult.scores` (or :func:`read_scores`), from one or several runs."""
-    by_seed = {name: {r["seed"]: r for r in scores if r["method"] == name} for name in (method, baseline)}
-    seeds = sorted(set(by_seed[method]) & set(by_seed[baseline]))
-    if not seeds:
+    by_scene = {name: {r["scene_id"]: r for r in scores if r["method"] == name} for name in (method, baseline)}
+    scene_ids = sorted(set(by_scene[method]) & set(by_scene[baseline]))
+    if not scene_ids:
         raise ValueError(f"no scene was scored for both {method!r} and {baseline!r}")
     out = {}
     for key in keys:
-        d = np.array([by_seed[method][s][key] - by_seed[baseline][s][key] for s in seeds], dtype=float)
+        d = np.array([by_scene[method][s][key] - by_scene[baseline][s][key] for s in scene_ids], dtype=float)
         if len(d) < 2 or d.std() == 0:
             out[key] = (float(d.mean()),) * 3
         else:
@@ -621,7 +622,7 @@ def comparison_table(scores: Sequence[dict], method: str, baselines: Sequence[st
 def read_scores(folder: str | Path) -> list[dict]:
     """The per-scene scores a report folder's scores.csv holds (:func:`write_report`), numbers as numbers."""
     with open(Path(folder) / "scores.csv", newline="") as f:
-        return [{k: v if k == "method" else (int(v) if k in ("seed", "target") else float(v)) for k, v in r.items()}
+        return [{k: v if k == "method" else (int(v) if k in ("scene_id", "target") else float(v)) for k, v in r.items()}
                 for r in csv.DictReader(f)]
 
 
@@ -629,14 +630,14 @@ def report_markdown(result: EvaluationResult, command: str = "") -> str:
     """The whole report: settings, main table, sanity check and shortcut tables, as Markdown."""
     s = result.settings
     steps = "their default step counts" if s["steps"] is None else f"{s['steps']} steps"
-    parts = [f"## deepexplain evaluation\n\n{s['n_scenes']} scenes (seeds {s['first_seed']}…), model "
+    parts = [f"## deepexplain evaluation\n\n{s['n_scenes']} scenes (scene ids {s['first_scene_id']}…), model "
              f"`{s['model']}`, {s['device']} ({s['threads']} threads, {s['machine']}); "
              f"optimizing methods at {steps}."
              + (f"\n\nReproduce: `{command}`" if command else ""),
              "### Localization and faithfulness\n\nMean [95% CI]: Wilson for hit rates, Student t otherwise.\n\n"
              + main_table(result)]
     if result.sanity:
-        n = len({r["seed"] for r in result.sanity})
+        n = len({r["scene_id"] for r in result.sanity})
         parts.append(f"### Sanity check: model-parameter randomization ({n} scenes)\n\nSpearman rank "
                      "correlation between the map for the trained model and for a copy with its top layers "
                      "re-initialised; near 1 means the map does not depend on the model. n/a: the map was "
@@ -644,7 +645,7 @@ def report_markdown(result: EvaluationResult, command: str = "") -> str:
                      + sanity_table(result))
     if result.shortcut:
         acc = result.shortcut_accuracy
-        n = len({r["seed"] for r in result.shortcut})
+        n = len({r["scene_id"] for r in result.shortcut})
         parts.append(f"### Planted shortcut ({n} scenes with their class's tag)\n\nThe shortcut model's "
                      f"accuracy: {acc['match']:.1%} with matching tags, {acc['swap']:.1%} with another "
                      f"class's tag. The tag covers {scenes.mark_mask().mean():.2%} of the image, inside the "
@@ -713,7 +714,7 @@ def write_report(result: EvaluationResult, out_dir: str | Path, command: str = "
     writers[out_dir / "evaluation_grid.jpg"] = lambda f: fig.savefig(f, format="jpeg", dpi=110,
                                                                     pil_kwargs={"quality": 85})
     try:
-        de._write_atomically(writers)
+        write_atomically(writers)
     finally:
         plt.close(fig)
     return list(writers)

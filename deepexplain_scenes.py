@@ -41,7 +41,6 @@ Model
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -55,6 +54,8 @@ from skimage import draw
 from torch import nn
 from tqdm.auto import tqdm
 
+from deepexplain_io import load_weights, write_atomically
+
 __all__ = [
     "CLASS_NAMES", "SCENE_SIZE", "MARGIN", "SIZE_RANGE", "MEAN", "STD",
     "WEIGHTS_PATH", "SHORTCUT_WEIGHTS_PATH", "SHORTCUT_TRAINING", "SAMPLES_DIR", "EVAL_FIRST_SEED", "SAMPLE_FIRST_SEED",
@@ -67,6 +68,8 @@ CLASS_NAMES = ("disk", "square", "triangle", "cross", "star", "ring")
 SCENE_SIZE = 224
 MARGIN = 22                 # objects stay inside pixels MARGIN..SCENE_SIZE-1-MARGIN
 SIZE_RANGE = (56, 100)      # diameter (px) of the object's circumscribed circle
+# ImageNet's per-channel statistics (RGB): the embedded model's normalization, and deepexplain's default for any
+# model whose weights do not name their own (torchvision's weights metadata does).
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 WEIGHTS_PATH = Path(__file__).resolve().parent / "data" / "shapes_cnn.pt"
@@ -308,13 +311,11 @@ class ShapesNet(nn.Module):
 
 
 def load_shapes_model(weights_path: str | os.PathLike = WEIGHTS_PATH) -> ShapesNet:
-    """ShapesNet with the weights at `weights_path`, on the CPU, in eval mode."""
-    path = Path(weights_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ShapesNet weights not found: {path} (run training to create them)")
-    model = ShapesNet()
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return model.eval()
+    """ShapesNet with the weights at `weights_path` (a state_dict file), on the CPU, in eval mode.
+
+    Raises FileNotFoundError for a missing file and ValueError for weights of another architecture.
+    """
+    return load_weights(ShapesNet(), weights_path, "shapes").eval()
 
 
 @torch.no_grad()
@@ -334,20 +335,6 @@ def accuracy(model: nn.Module, n_scenes: int = 1000, first_seed: int = EVAL_FIRS
     return float(correct / n_scenes)
 
 
-def _save_atomically(state: dict, out_path: Path) -> None:
-    """torch.save to a temporary file next to `out_path`, then rename it into place."""
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files
-        os.replace(tmp, out_path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _training_set(n: int, marks: str | None) -> tuple[np.ndarray, torch.Tensor]:
     """Scenes 0..n-1 as uint8 (n, 224, 224, 3) images and int64 (n,) labels, with a progress bar."""
     images = np.empty((n, SCENE_SIZE, SCENE_SIZE, 3), dtype=np.uint8)
@@ -357,7 +344,7 @@ def _training_set(n: int, marks: str | None) -> tuple[np.ndarray, torch.Tensor]:
     return images, labels
 
 
-def _fit(model: ShapesNet, images: np.ndarray, labels: torch.Tensor, epochs: int, batch_size: int,
+def _fit(model: ShapesNet, images: np.ndarray, labels: torch.Tensor, *, epochs: int, batch_size: int,
          lr: float, seed: int) -> float:
     """Train `model` in place (AdamW, one-cycle learning rate, seeded data order); return the last loss."""
     n_batches = len(images) // batch_size  # each epoch drops its last partial batch
@@ -380,7 +367,7 @@ def _fit(model: ShapesNet, images: np.ndarray, labels: torch.Tensor, epochs: int
     return loss.item()
 
 
-def train(out_path: str | os.PathLike = WEIGHTS_PATH, n_train: int = 12_000, epochs: int = 6,
+def train(out_path: str | os.PathLike = WEIGHTS_PATH, *, n_train: int = 12_000, epochs: int = 6,
           seed: int = 0, batch_size: int = 64, lr: float = 5e-3, marked: bool = False) -> dict:
     """Train ShapesNet on scenes 0..n_train-1 and save its state_dict to `out_path`.
 
@@ -403,13 +390,15 @@ def train(out_path: str | os.PathLike = WEIGHTS_PATH, n_train: int = 12_000, epo
         marks = "match" if marked else None
         images, labels = _training_set(n_train, marks)
         model = ShapesNet().to(memory_format=torch.channels_last)  # faster convolutions on CPU
-        final_loss = _fit(model, images, labels, epochs, batch_size, lr, seed)
+        final_loss = _fit(model, images, labels, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     finally:
         torch.use_deterministic_algorithms(deterministic)
     scores = {"accuracy": accuracy(model, marks=marks)}
     if marked:
         scores["swapped_accuracy"] = accuracy(model, marks="swap")
-    _save_atomically(model.state_dict(), Path(out_path))
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically({out_path: lambda f: torch.save(model.state_dict(), f)})
     seconds = time.perf_counter() - start
     print(f"ShapesNet {scores} on 1,000 fresh scenes ({seconds:.0f} s); saved {out_path}")
     return {**scores, "seconds": seconds, "n_params": sum(p.numel() for p in model.parameters()),

@@ -1,6 +1,7 @@
 """Contracts of deepexplain.py: shapes, ranges, no mutation, determinism, errors, loading, CLI."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,20 +13,11 @@ import torchvision
 from PIL import Image
 
 import deepexplain as de
+import deepexplain_cli as cli
 import deepexplain_scenes as scenes
 
 ROOT = Path(__file__).resolve().parents[1]
 FEW_STEPS = 30
-
-
-@pytest.fixture(scope="module")
-def shapes():
-    return de.load_model("shapes", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def sample():
-    return scenes.load_sample(scenes.CLASS_NAMES[0])
 
 
 @pytest.fixture(scope="module")
@@ -225,9 +217,10 @@ def test_saliency_map_points_at_the_changed_region():
 def test_seed_preset_is_the_seeds_values():
     seed = dict(kernel_size=3, nblocks=3, nlayers=3, steps=1000, lr=0.01, l1_coeff=1.0,
                 power=6, border=0.1, dilation=20, difference="signed-mean", smoothing=0.0, patience=0,
-                precision="fp32", generator="seed", mask_size=28, area_coeff=1.0, tv_coeff=0.2, jitter=0, runs=1)
+                precision="fp32", generator="plain", mask_size=28, area_coeff=1.0, tv_coeff=0.2, jitter=0, runs=1)
     assert dict(de.PRESETS["seed"]) == seed
     assert de.resolve_hyperparameters("seed", steps=5) == {**seed, "steps": 5}
+    assert de.Settings() == de.Settings.from_preset("seed")  # the stages' defaults are the seed's
 
 
 def test_default_is_the_masked_preset_and_presets_differ_only_where_documented():
@@ -238,21 +231,74 @@ def test_default_is_the_masked_preset_and_presets_differ_only_where_documented()
                        "runs", "smoothing", "power", "border", "dilation"}
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"steps": 0}, "steps"), ({"steps": -3}, "steps"), ({"lr": 0}, "lr"), ({"lr": -0.1}, "lr"),
-    ({"border": 0.5}, "border"), ({"dilation": 0}, "dilation"), ({"power": 0}, "power"),
-    ({"nlayers": 0}, "nlayers"), ({"momentum": 1}, "unknown hyperparameter"),
-    ({"difference": "max"}, "difference must be one of signed-mean, abs-sum"),
-    ({"patience": -1}, "patience must be"), ({"precision": "fp16"}, "precision must be one of fp32, bf16"),
+def test_settings_are_grouped_by_stage_and_changed_by_name():
+    settings = de.Settings.from_preset("fast", lr=0.05, power=2.5, generator="masked")
+    assert settings.optimization.lr == 0.05 and settings.postprocessing.power == 2.5
+    assert settings.generator.kind == "masked" and settings.optimization.steps == de.FAST_PRESET["steps"]
+    assert settings.updated(lr=None) == settings  # None keeps a value
+    assert set(de.SETTINGS) == set(de.SEED_PRESET)
+    assert [spec.stage for spec in de.SETTINGS.values()] == sorted(
+        (spec.stage for spec in de.SETTINGS.values()), key=["generator", "optimization", "postprocessing"].index)
+    with pytest.warns(DeprecationWarning, match="'plain'"):
+        assert de.Settings.from_preset("seed", generator="seed").generator.kind == "plain"
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    ({"steps": 0}, ValueError, "steps"), ({"steps": -3}, ValueError, "steps"), ({"lr": 0}, ValueError, "lr"),
+    ({"lr": -0.1}, ValueError, "lr"), ({"lr": float("inf")}, ValueError, "lr must be a number in (0, inf)"),
+    ({"lr": float("nan")}, ValueError, "lr must be"), ({"steps": 2.5}, ValueError, "steps must be an integer"),
+    ({"border": 0.5}, ValueError, "border"), ({"dilation": 0}, ValueError, "dilation"),
+    ({"power": 0}, ValueError, "power"), ({"nlayers": 0}, ValueError, "nlayers"),
+    ({"momentum": 1}, ValueError, "unknown setting"),
+    ({"difference": "max"}, ValueError, "difference must be one of signed-mean, abs-sum"),
+    ({"patience": -1}, ValueError, "patience must be"),
+    ({"precision": "fp16"}, ValueError, "precision must be one of fp32, bf16"),
+    ({"steps": "100"}, TypeError, "steps must be an integer"), ({"lr": True}, TypeError, "lr must be"),
+    ({"precision": 16}, TypeError, "precision must be a string"),
 ])
-def test_bad_hyperparameters_are_named(bad, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_settings_are_named(bad, error, message):
+    with pytest.raises(error, match=re.escape(message)):
         de.resolve_hyperparameters(**bad)
 
 
 def test_even_kernel_size_is_made_odd_with_a_warning():
     with pytest.warns(UserWarning, match="even"):
         assert de.resolve_hyperparameters(kernel_size=2)["kernel_size"] == 3
+
+
+@pytest.mark.parametrize("kind", list(de.GENERATORS))
+def test_every_generator_kind_is_built_by_name_from_a_seed(kind):
+    assert set(de.GENERATORS) == set(de.SETTINGS["generator"].choices)
+    state = torch.random.get_rng_state()
+    a, b, c = (de.make_generator(generator=kind, seed=seed) for seed in (3, 3, 4))
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left alone
+    assert isinstance(a, de.GENERATORS[kind]) and a.settings.kind == kind
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(a.conv.weight, c.conv.weight)
+    x = torch.randn(2, 3, 32, 32)
+    assert a(x).shape == x.shape and torch.isfinite(a(x)).all()
+
+
+@pytest.mark.parametrize("preset", list(de.PRESET_BASES))
+@pytest.mark.parametrize("kind", list(de.GENERATORS))
+def test_contract_of_every_preset_and_generator_kind(shapes, sample, preset, kind):
+    values = dict(generator=kind, steps=4, **({"runs": 1} if kind == "plain" else {}))
+    first, again = (de.explain(sample.image, shapes, preset=preset, verbose=False, **values) for _ in range(2))
+    assert first.settings == de.Settings.from_preset(preset, **values)
+    assert first.input.shape == first.perturbed.shape == (1, 3, 224, 224) and torch.isfinite(first.perturbed).all()
+    assert first.saliency.shape == (224, 224) and first.saliency.dtype == np.float32
+    assert np.isfinite(first.saliency).all() and first.saliency.min() >= 0 and first.saliency.any()
+    assert 0 <= first.perturbed_score <= 1 and 0 < first.original_score <= 1
+    assert first.steps_run == len(first.losses) <= 4 and np.isfinite(first.losses).all()
+    assert (first.mask is None) == (kind == "plain")
+    if first.mask is not None:
+        assert first.mask.shape == (1, 1, 224, 224) and 0 <= first.mask.min() and first.mask.max() <= 1
+    np.testing.assert_array_equal(first.saliency, again.saliency)  # reproducible
+    assert json.loads(json.dumps(first.summary()))["generator"] == kind
+
+
+def test_readme_settings_table_is_the_declarations():
+    assert de.settings_table() in (ROOT / "README.md").read_text()
 
 
 # --------------------------------------------------------------------------- explain
@@ -397,7 +443,7 @@ def test_unavailable_cuda_is_a_clear_error(monkeypatch):
 
 def test_cli_writes_three_files_with_documented_keys(tmp_path, capsys):
     image = scenes.SAMPLES_DIR / f"{scenes.CLASS_NAMES[1]}.png"
-    code = de.main(["explain", str(image), "--model", "shapes", "--steps", "5", "--dilation", "10",
+    code = cli.main(["explain", str(image), "--model", "shapes", "--steps", "5", "--dilation", "10",
                     "--device", "cpu", "--out", str(tmp_path)])
     assert code == 0
     stem = image.stem
@@ -432,7 +478,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, me
     args = [a.format(empty=tmp_path / "empty.png", sample=sample) for a in args]
     out = tmp_path / "out"
     defaults = ["--model", "shapes", "--steps", "2", "--device", "cpu", "--out", str(out)]
-    code = de.main(["explain", *defaults, *args])  # a later option overrides its default
+    code = cli.main(["explain", *defaults, *args])  # a later option overrides its default
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1 and "Traceback" not in err
     assert not out.exists() or not any(out.iterdir())
@@ -445,6 +491,13 @@ def test_cli_leaves_no_partial_file_when_writing_fails(tmp_path, monkeypatch, ex
     with pytest.raises(OSError, match="disk full"):
         de.save_outputs(explanation, tmp_path, "scene")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_takes_each_setting_with_its_declared_type(tmp_path):
+    code = cli.main(["explain", "star", "--model", "shapes", "--preset", "fast", "--power", "2.5", "--steps", "3",
+                     "--device", "cpu", "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "star_summary.json").read_text())
+    assert code == 0 and summary["power"] == 2.5 and summary["lr"] == de.FAST_PRESET["lr"]
 
 
 def test_cli_process_exit_code_and_message(tmp_path):

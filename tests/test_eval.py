@@ -8,27 +8,10 @@ import torch
 from torch import nn
 
 import deepexplain as de
+import deepexplain_cli as cli
 import deepexplain_eval as ev
 import deepexplain_scenes as scenes
-
-
-def square_mask(top=100, left=100, size=30, shape=(224, 224)):
-    mask = np.zeros(shape, dtype=bool)
-    mask[top:top + size, left:left + size] = True
-    return mask
-
-
-class RegionModel(nn.Module):
-    """Two classes; class 0's logit is 10 × (the input's mean over a fixed region) − 5, class 1's is 0."""
-
-    def __init__(self, mask):
-        super().__init__()
-        self.register_buffer("weight", torch.from_numpy(mask).float()[None, None] / (3 * mask.sum()))
-        self.scale = nn.Parameter(torch.tensor(10.0))
-
-    def forward(self, x):
-        score = self.scale * (x * self.weight).sum((1, 2, 3)) - 5
-        return torch.stack([score, torch.zeros_like(score)], dim=1)
+from helpers import RegionClassifier, square_mask
 
 
 @pytest.fixture
@@ -36,7 +19,7 @@ def region_case():
     mask = square_mask()
     x = torch.zeros(1, 3, 224, 224)
     x[..., 100:130, 100:130] = 1.0  # a bright square exactly where the model looks
-    return RegionModel(mask).eval(), x, mask
+    return RegionClassifier(mask, x).eval(), x, mask
 
 
 # --------------------------------------------------------------------------- localization metrics
@@ -145,10 +128,9 @@ def test_gradcam_layer_for_torchvision_style_and_plain_models():
 
 
 @pytest.fixture(scope="module")
-def shapes_case():
-    loaded = de.load_model("shapes", device="cpu")
-    (case,) = ev.scene_cases(loaded, [ev.EXPLAIN_FIRST_SEED])
-    return loaded, case
+def shapes_case(shapes):
+    (case,) = ev.scene_cases(shapes, [ev.FIRST_SCENE_ID])
+    return shapes, case
 
 
 def test_every_method_gives_finite_maps_of_the_image_size(shapes_case):
@@ -177,8 +159,8 @@ def test_randomized_copy_reinitialises_the_top_layers_only():
 def test_randomizing_the_model_changes_a_gradient_map(shapes_case):
     loaded, case = shapes_case
     randomized = de.load_model(ev.randomized_copy(loaded.model, 6))
-    trained, again = (ev._saliency(loaded, case, None)["saliency"] for _ in range(2))
-    changed = ev._saliency(randomized, case, None)["saliency"]
+    trained, again = (ev.run_methods(loaded, case, ["saliency"])[0]["saliency"] for _ in range(2))
+    changed = ev.run_methods(randomized, case, ["saliency"])[0]["saliency"]
     assert ev.rank_correlation(trained, again) == pytest.approx(1.0)
     assert ev.rank_correlation(trained, changed) < 0.8
 
@@ -246,7 +228,7 @@ def test_evaluate_rejects_unknown_methods_and_counts():
 
 
 def test_cli_evaluate_writes_the_report(tmp_path, capsys):
-    code = de.main(["evaluate", "--scenes", "1", "--methods", "center", "grad-cam", "--sanity-scenes", "0",
+    code = cli.main(["evaluate", "--scenes", "1", "--methods", "center", "grad-cam", "--sanity-scenes", "0",
                     "--shortcut-scenes", "0", "--out", str(tmp_path)])
     assert code == 0
     assert "| grad-cam |" in (tmp_path / "evaluation.md").read_text()
@@ -258,16 +240,16 @@ def test_cli_evaluate_writes_the_report(tmp_path, capsys):
     (["--scenes", "0"], "n_scenes must be"),
 ])
 def test_cli_evaluate_bad_input_is_one_line_and_no_files(tmp_path, capsys, args, message):
-    assert de.main(["evaluate", *args, "--out", str(tmp_path / "out")]) == 2
+    assert cli.main(["evaluate", *args, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("deepexplain: error:") and message in err and "\n" not in err
     assert not (tmp_path / "out").exists()
 
 
 def test_paired_differences_pair_the_scenes_both_methods_scored():
-    rows = [{"seed": seed, "method": method, "pointing": value}
+    rows = [{"scene_id": scene_id, "method": method, "pointing": value}
             for method, values in (("a", {1: 1.0, 2: 1.0, 3: 0.0, 5: 1.0}), ("b", {2: 0.0, 3: 0.0, 4: 1.0, 5: 0.0}))
-            for seed, value in values.items()]
+            for scene_id, value in values.items()]
     mean, low, high = ev.paired_differences(rows, "a", "b", keys=["pointing"])["pointing"]
     assert mean == pytest.approx(2 / 3)  # scenes 2, 3 and 5: differences 1, 0, 1
     assert low < mean < high

@@ -1,34 +1,20 @@
 """The masked generator (generator="masked", preset "masked"): shapes, ranges, and that its map finds
 the one region a classifier depends on."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import deepexplain as de
 import deepexplain_eval as ev
 import deepexplain_scenes as scenes
+from helpers import RegionClassifier, square_mask
 
 SIZE = scenes.SCENE_SIZE
 #: The region the toy classifier reads: rows 30..79, cols 130..179 (away from the center and the border).
-REGION = (slice(30, 80), slice(130, 180))
-
-
-class RegionClassifier(nn.Module):
-    """Two classes; class 0's logit falls as the pixels of REGION move away from ``reference``'s.
-
-    Pixels outside REGION have no effect at all, by construction: only REGION can explain class 0.
-    """
-
-    def __init__(self, reference: torch.Tensor):
-        super().__init__()
-        self.register_buffer("reference", reference[..., REGION[0], REGION[1]].clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        change = ((x[..., REGION[0], REGION[1]] - self.reference) ** 2).mean(dim=(1, 2, 3))
-        class0 = 4.0 - 40.0 * change
-        return torch.stack([class0, torch.zeros_like(class0)], dim=1)
+REGION = square_mask(top=30, left=130, size=50)
 
 
 def test_masked_generator_shapes_and_ranges():
@@ -79,16 +65,14 @@ def test_stacked_masked_generator_keeps_each_copys_mask():
     torch.testing.assert_close(stacked(x), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_mask_stays_in_unit_range_under_a_huge_learning_rate():
-    shapes = de.load_model("shapes", device="cpu")
+def test_mask_stays_in_unit_range_under_a_huge_learning_rate(shapes):
     result = de.explain("star", shapes, preset="masked", lr=50.0, steps=15, patience=0, verbose=False)
     assert result.mask.shape == (1, 1, SIZE, SIZE)
     assert 0 <= result.mask.min() and result.mask.max() <= 1
     assert np.isfinite(result.saliency).all() and 0 <= result.saliency.min() and result.saliency.max() <= 1
 
 
-def test_masked_map_is_the_mask_and_keeps_the_seed_path_separate():
-    shapes = de.load_model("shapes", device="cpu")
+def test_masked_map_is_the_mask_and_keeps_the_seed_path_separate(shapes):
     masked = de.explain("disk", shapes, preset="masked", steps=20, verbose=False)
     # no crop, no dilation: the map is the (combined) mask, smoothed and raised to the power
     hp = masked.hyperparameters
@@ -97,14 +81,12 @@ def test_masked_map_is_the_mask_and_keeps_the_seed_path_separate():
     assert hp["smoothing"] > 0 and hp["border"] == 0 and hp["dilation"] == 1
     assert masked.hyperparameters["generator"] == "masked" and masked.hyperparameters["jitter"] > 0
     seed = de.explain("disk", shapes, preset="seed", steps=5, verbose=False)
-    assert seed.mask is None and seed.hyperparameters["generator"] == "seed"
+    assert seed.mask is None and seed.hyperparameters["generator"] == "plain"
 
 
-def test_batched_masked_explanations_equal_separate_runs():
+def test_batched_masked_explanations_equal_separate_runs(shapes, images):
     # ring and disk stop after 6 steps, star runs on: its copy's mask logits must survive the compaction.
     # lr 0.01 in fp32, as the optimization amplifies rounding differences fast at the preset's lr 0.1
-    shapes = de.load_model("shapes", device="cpu")
-    images = [scenes.load_sample(name).image for name in ("star", "ring", "disk")]
     options = dict(preset="masked", steps=20, patience=3, lr=0.01, precision="fp32", verbose=False)
     separate = [de.explain(image, shapes, **options) for image in images]
     batched = de.explain_batch(images, shapes, **options)
@@ -115,25 +97,24 @@ def test_batched_masked_explanations_equal_separate_runs():
         np.testing.assert_allclose(many.losses, one.losses, atol=1e-2)
 
 
-@pytest.mark.parametrize("bad, message", [({"generator": "unet"}, "generator must be one of seed, masked"),
-                                          ({"mask_size": 1}, "mask_size must be an integer ≥ 2"),
-                                          ({"tv_coeff": -1.0}, "tv_coeff must be zero or positive"),
-                                          ({"jitter": -2}, "jitter must be an integer ≥ 0")])
+@pytest.mark.parametrize("bad, message", [({"generator": "unet"}, "generator must be one of plain, masked"),
+                                          ({"mask_size": 1}, "mask_size must be an integer in [2, inf)"),
+                                          ({"tv_coeff": -1.0}, "tv_coeff must be a number in [0, inf)"),
+                                          ({"jitter": -2}, "jitter must be an integer in [0, inf)"),
+                                          ({"runs": 2, "generator": "plain"}, "runs must be 1 with the 'plain'")])
 def test_masked_hyperparameters_are_checked(bad, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         de.resolve_hyperparameters("masked", **bad)
 
 
-def test_masked_map_points_at_the_only_region_the_classifier_reads():
+def test_masked_map_points_at_the_only_region_the_classifier_reads(shapes):
     image = scenes.make_scene(30_000_000).image
     x = scenes.normalize(image[None])
-    model = RegionClassifier(x)
-    loaded = de.LoadedModel(model, de.load_model("shapes", device="cpu").preprocessing, ["region", "other"], "toy")
+    model = RegionClassifier(REGION, x)
+    loaded = de.LoadedModel(model, shapes.preprocessing, ["region", "other"], "toy")
     assert de.class_probabilities(model, x)[0, 0] > 0.95
     result = de.explain(image, loaded, preset="masked", target=0, verbose=False)
-    region = np.zeros((SIZE, SIZE), dtype=bool)
-    region[REGION] = True
     assert result.perturbed_score < 0.5
-    assert ev.pointing_hit(result.saliency, region, tolerance=0)
-    assert ev.com_hit(result.saliency, region, tolerance=0)
-    assert ev.energy_inside(result.saliency, region) > 0.5
+    assert ev.pointing_hit(result.saliency, REGION, tolerance=0)
+    assert ev.com_hit(result.saliency, REGION, tolerance=0)
+    assert ev.energy_inside(result.saliency, REGION) > 0.5

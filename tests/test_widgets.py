@@ -8,11 +8,6 @@ import deepexplain_scenes as scenes
 
 
 @pytest.fixture(scope="module")
-def shapes():
-    return de.load_model("shapes", device="cpu")
-
-
-@pytest.fixture(scope="module")
 def stored(shapes):
     return de.explain("star", shapes, preset="seed", steps=10, verbose=False)
 
@@ -52,4 +47,14 @@ def test_postprocessing_panel_redraws_from_the_stored_result(stored):
     before = panel.image.value
     panel.controls["difference"].value = "abs-sum"
     assert panel.image.value != before and panel.result.hyperparameters["difference"] == "abs-sum"
-    assert de.with_postprocessing(panel.result, 6, 0.1, 20).hyperparameters["difference"] == "abs-sum"  # kept
+    assert de.with_postprocessing(panel.result, power=6).hyperparameters["difference"] == "abs-sum"  # kept
+    assert set(panel.controls) == {spec.name for spec in de.PostprocessingSettings.specs()}
+
+
+def test_postprocessing_panel_starts_from_the_explanations_own_settings(shapes):
+    masked = de.explain("star", shapes, preset="masked", steps=3, runs=1, verbose=False)
+    panel = de.postprocessing_panel(masked)
+    assert {name: c.value for name, c in panel.controls.items()} == masked.settings.postprocessing.as_dict()
+    np.testing.assert_array_equal(panel.result.saliency, masked.saliency)
+    panel.controls["smoothing"].value = 0.0
+    assert panel.result.hyperparameters["smoothing"] == 0.0 and panel.result.hyperparameters["power"] == 4

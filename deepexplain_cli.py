@@ -1,0 +1,156 @@
+"""The command line of deepexplain: ``python deepexplain.py COMMAND ...`` (or ``deepexplain COMMAND ...``).
+
+Commands, each a function registered on its subparser with ``set_defaults(func=...)``:
+
+* ``explain IMAGE``: explain an image's top class and write the map, a figure and a JSON summary;
+* ``train``: train the embedded shapes model (or the planted-shortcut one);
+* ``evaluate``: score every explanation method on the embedded scenes (:mod:`deepexplain_eval`);
+* ``bench``: time the seed preset against the fast configuration (:mod:`deepexplain_bench`).
+
+Every setting of :data:`deepexplain.SETTINGS` is an ``explain`` option, with its
+type, allowed values, help and each preset's value taken from its declaration.
+Bad input ends with one line on stderr and exit status 2; Ctrl-C with exit status 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import deepexplain as de
+import deepexplain_bench as bench
+import deepexplain_eval as ev
+import deepexplain_scenes as scenes
+
+__all__ = ["parser", "main"]
+
+DEVICES = ("cpu", "cuda")
+
+
+def _setting_help(spec: de.SettingSpec) -> str:
+    """A setting's --help line: what it does, what it takes, and the value each preset gives it."""
+    values = ", ".join(f"{preset} {spec.value_in(preset)}" for preset in de.PRESET_BASES)
+    return f"{spec.help}; {spec.allowed()} (presets: {values})"
+
+
+def _add_settings(command: argparse.ArgumentParser) -> None:
+    """One option per setting, in a group per stage; unset options keep the preset's value."""
+    groups = {stage.STAGE: command.add_argument_group(f"{stage.STAGE} settings") for stage in de.STAGES}
+    for spec in de.SETTINGS.values():
+        groups[spec.stage].add_argument(f"--{spec.name.replace('_', '-')}", dest=spec.name, type=spec.type,
+                                        metavar=spec.type.__name__.upper(), help=_setting_help(spec))
+
+
+def _explain(args: argparse.Namespace) -> None:
+    values = {name: getattr(args, name) for name in de.SETTINGS}
+    result = de.explain(args.image, args.model, preset=args.preset, target=args.target, seed=args.seed,
+                        device=args.device, weights_path=args.weights, **values)
+    print(f"original score: {result.original_score:.4f}  perturbed score: {result.perturbed_score:.2e}")
+    for path in de.save_outputs(result, args.out, Path(args.image).stem):
+        print(f"wrote {path}")
+
+
+def _train(args: argparse.Namespace) -> None:
+    if args.shortcut:
+        out, options = scenes.SHORTCUT_WEIGHTS_PATH, {**scenes.SHORTCUT_TRAINING, "marked": True}
+    else:
+        out, options = scenes.WEIGHTS_PATH, {}
+    print(json.dumps(scenes.train(args.out or out, **options), indent=2))
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    result = ev.evaluate(args.scenes, args.model, args.methods, steps=args.steps, sanity_scenes=args.sanity_scenes,
+                         shortcut_scenes=args.shortcut_scenes, device=args.device)
+    for path in ev.write_report(result, args.out, " ".join(["python deepexplain.py", *args.argv])):
+        print(f"wrote {path}")
+    print(ev.main_table(result))
+
+
+def _bench(args: argparse.Namespace) -> None:
+    print(bench.benchmark(args.model, args.images, args.batch, args.quick, args.device, args.weights)[2])
+
+
+def _explain_parser(commands) -> None:
+    ex = commands.add_parser(
+        "explain", help="explain an image's top class and write the results",
+        description=f"Explain an image's top class. The settings come from --preset (default "
+                    f"{de.DEFAULT_PRESET}); an option given here changes one of them.")
+    ex.add_argument("image", help="a JPEG/PNG/GIF file, or an embedded sample's name (e.g. star)")
+    ex.add_argument("--model", default="auto", help="auto, vgg19, shapes or a torchvision model name")
+    ex.add_argument("--weights", type=Path, help="a local state_dict file for the model's architecture")
+    ex.add_argument("--target", type=int, help="class index to explain (default: the top class)")
+    ex.add_argument("--preset", choices=list(de.PRESET_BASES),
+                    help=f"a named set of values for every setting (default {de.DEFAULT_PRESET}): seed = the "
+                         "seed document's method exactly, fast = its fast schedule, masked = the generator "
+                         "that also learns where to perturb")
+    ex.add_argument("--seed", type=int, default=0, help="random seed of the generator's initialisation")
+    ex.add_argument("--device", choices=DEVICES, help="default: cuda when available")
+    ex.add_argument("--out", type=Path, default=Path("results"), help="output folder (default results/)")
+    _add_settings(ex)
+    ex.set_defaults(func=_explain)
+
+
+def _train_parser(commands) -> None:
+    tr = commands.add_parser("train", help="train the embedded shapes model (or the planted-shortcut one)")
+    tr.add_argument("--shortcut", action="store_true",
+                    help="train the planted-shortcut model on tagged scenes (saved beside the embedded model)")
+    tr.add_argument("--out", type=Path, help="where to save the weights (default: data/)")
+    tr.set_defaults(func=_train)
+
+
+def _evaluate_parser(commands) -> None:
+    ev_ = commands.add_parser("evaluate", help="score every explanation method on the embedded scenes")
+    ev_.add_argument("--scenes", type=int, default=100, help="scenes to explain (default 100)")
+    ev_.add_argument("--model", default="shapes", help="the model to explain (default shapes)")
+    ev_.add_argument("--methods", nargs="+", metavar="METHOD",
+                     help=f"methods to run (default all: {' '.join(ev.METHODS)})")
+    ev_.add_argument("--steps", type=int, help="override the optimizing methods' steps (quick runs)")
+    ev_.add_argument("--sanity-scenes", type=int, default=5, help="scenes for the randomization check")
+    ev_.add_argument("--shortcut-scenes", type=int, default=20, help="scenes for the planted shortcut")
+    ev_.add_argument("--device", choices=DEVICES, help="default: cuda when available")
+    ev_.add_argument("--out", type=Path, default=Path("evaluation"), help="output folder (default evaluation/)")
+    ev_.set_defaults(func=_evaluate)
+
+
+def _bench_parser(commands) -> None:
+    be = commands.add_parser("bench", help="time the seed preset against the fast configuration")
+    be.add_argument("--model", default="shapes", help="shapes (default), vgg19 or a torchvision model name; "
+                    "without its pretrained weights a torchvision model runs with random ones")
+    be.add_argument("--weights", type=Path, help="a local state_dict file for the model's architecture")
+    be.add_argument("--images", type=int, default=20, help="embedded scenes to explain (default 20)")
+    be.add_argument("--batch", type=int, default=16, help="images per batched optimization (default 16)")
+    be.add_argument("--quick", action="store_true", help="2 scenes, 10 steps: a smoke run, not a measurement")
+    be.add_argument("--device", choices=DEVICES, help="default: cuda when available")
+    be.set_defaults(func=_bench)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line's parser, one subparser per command."""
+    top = argparse.ArgumentParser(prog="deepexplain.py", description=de.__doc__.split("\n\n")[0])
+    commands = top.add_subparsers(dest="command", required=True)
+    for add in (_explain_parser, _train_parser, _evaluate_parser, _bench_parser):
+        add(commands)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status (2 with a one-line message for bad input, 130 on Ctrl-C)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser().parse_args(argv)
+    args.argv = argv
+    try:
+        args.func(args)
+        return 0
+    except (ValueError, TypeError, OSError) as err:
+        print(f"deepexplain: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("deepexplain: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
