@@ -40,6 +40,11 @@ this module imports only the first two.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python deepexplain.py ...` runs the command line (deepexplain_cli), started before
+    import runpy             # this module's heavy imports so that a Ctrl-C during them is handled too
+
+    runpy.run_module("deepexplain_cli", run_name="__main__")
+
 import io
 import json
 import os
@@ -60,7 +65,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torchvision
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 from skimage import morphology, transform
 from torch import nn
@@ -71,9 +76,10 @@ from deepexplain_io import load_weights, read_state_dict, write_atomically
 
 __all__ = [
     "DIFFERENCES", "PRECISIONS", "GENERATOR_KINDS", "AUTO_MODEL", "OFFLINE_ENV",
-    "load_image", "read_image", "to_rgb_uint8", "Preprocessing", "channel_mean",
+    "MAX_IMAGE_PIXELS", "MAX_PIXELS_ENV", "max_image_pixels", "load_image", "read_image", "to_rgb_uint8",
+    "Preprocessing", "channel_mean",
     "LoadedModel", "load_model", "frozen", "resolve_device",
-    "Prediction", "class_probabilities", "assess", "format_predictions",
+    "Prediction", "class_probabilities", "checked_probabilities", "assess", "format_predictions",
     "PRESET_BASES", "DEFAULT_PRESET", "Interval", "setting", "SettingSpec", "GeneratorSettings",
     "OptimizationSettings", "PostprocessingSettings", "STAGES", "Settings", "SETTINGS", "PRESETS",
     "SEED_PRESET", "FAST_PRESET", "MASKED_PRESET", "DEFAULTS", "resolve_hyperparameters", "settings_table",
@@ -104,6 +110,11 @@ OFFLINE_ENV = "DEEPEXPLAIN_OFFLINE"
 LOW_CONFIDENCE = 0.5
 #: Images smaller than this on either side carry too little to explain.
 MIN_IMAGE_SIDE = 16
+#: Images with more pixels than this are refused before they are decoded (a 100-megapixel photo needs about
+#: 1.2 GB as floats); set the environment variable ``DEEPEXPLAIN_MAX_PIXELS`` to raise or lower it.
+MAX_IMAGE_PIXELS = 100_000_000
+#: The environment variable that overrides :data:`MAX_IMAGE_PIXELS`.
+MAX_PIXELS_ENV = "DEEPEXPLAIN_MAX_PIXELS"
 
 
 # --------------------------------------------------------------------------- images
@@ -111,25 +122,57 @@ MIN_IMAGE_SIDE = 16
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """Read a JPEG/PNG/GIF (anything Pillow reads) as an RGB uint8 H×W×3 array.
 
-    The first frame of an animated image is used. Palette, grayscale, CMYK and
-    16-bit images are converted to 8-bit RGB; images with transparency (RGBA,
-    LA, palette with a transparent colour) are composited on white.
+    The first frame of an animated image is used, turned upright as its EXIF
+    orientation says (a phone's portrait photo is explained standing). Palette,
+    grayscale, CMYK and 16-bit images are converted to 8-bit RGB; images with
+    transparency (RGBA, LA, palette with a transparent colour) are composited on white.
 
     Raises FileNotFoundError for a missing file and ValueError for an empty,
-    unreadable, truncated or too small (< 16 px a side) image.
+    unreadable, truncated or too small (< 16 px a side) image, and for one of
+    more than :func:`max_image_pixels` pixels (checked before decoding).
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not an image file")
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     if path.stat().st_size == 0:
         raise ValueError(f"image file is empty (0 bytes): {path}")
     try:
-        with Image.open(path) as img:
+        with _open_unlimited(path) as img:
+            _check_pixel_count(img, str(path))
             img.seek(0)
             img.load()
-            return _pil_to_rgb(img, source=str(path))
+            return _pil_to_rgb(ImageOps.exif_transpose(img), source=str(path))
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
         raise ValueError(f"not a readable image: {path} ({err})") from None
+
+
+def max_image_pixels() -> int:
+    """The largest image :func:`load_image` decodes: ``$DEEPEXPLAIN_MAX_PIXELS`` or :data:`MAX_IMAGE_PIXELS`."""
+    value = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not value:
+        return MAX_IMAGE_PIXELS
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{MAX_PIXELS_ENV} must be a positive whole number of pixels, got {value!r}")
+    return int(value)
+
+
+def _open_unlimited(path: Path) -> Image.Image:
+    """``Image.open`` without Pillow's own decompression-bomb limit (deepexplain checks its own instead)."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        return Image.open(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _check_pixel_count(img: Image.Image, source: str) -> None:
+    limit = max_image_pixels()
+    if img.width * img.height > limit:
+        raise ValueError(f"{source}: image of {img.width}×{img.height} px has {img.width * img.height:,} pixels, "
+                         f"over the limit of {limit:,}; set {MAX_PIXELS_ENV} to a larger number to explain it")
 
 
 def _pil_to_rgb(img: Image.Image, source: str = "image") -> np.ndarray:
@@ -151,6 +194,9 @@ def to_rgb_uint8(array: np.ndarray, source: str = "image") -> np.ndarray:
     (0–65535, scaled down when any value exceeds 255) or float (0–1).
     """
     array = np.asarray(array)
+    if array.ndim in (2, 3) and min(array.shape[:2]) < MIN_IMAGE_SIDE:
+        raise ValueError(f"{source}: image of {array.shape[0]}×{array.shape[1]} px is too small "
+                         f"(at least {MIN_IMAGE_SIDE}×{MIN_IMAGE_SIDE} needed)")
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=2)
     if array.ndim != 3 or array.shape[2] not in (3, 4):
@@ -168,25 +214,41 @@ def to_rgb_uint8(array: np.ndarray, source: str = "image") -> np.ndarray:
     if unit.shape[2] == 4:
         alpha = unit[..., 3:]
         unit = unit[..., :3] * alpha + (1.0 - alpha)
-    if min(unit.shape[:2]) < MIN_IMAGE_SIDE:
-        raise ValueError(f"{source}: image of {unit.shape[0]}×{unit.shape[1]} px is too small "
-                         f"(at least {MIN_IMAGE_SIDE}×{MIN_IMAGE_SIDE} needed)")
     return np.clip(np.round(unit * 255.0), 0, 255).astype(np.uint8)
 
 
-def read_image(image: str | os.PathLike | np.ndarray | Image.Image) -> np.ndarray:
-    """An image given as a path, an embedded sample's name, an array or a Pillow image → RGB uint8 H×W×3.
+def read_image(image: str | os.PathLike | np.ndarray | Image.Image | torch.Tensor) -> np.ndarray:
+    """An image given as a path, an embedded sample's name, an array, a Pillow image or a tensor → RGB uint8 H×W×3.
 
+    Files and Pillow images are turned upright as their EXIF orientation says.
     A string that is not an existing file but names a class of the embedded
-    scenes (``"star"``) reads that sample scene from ``data/samples/``.
+    scenes (``"star"``) reads that sample scene from ``data/samples/``. A
+    tensor is read in torchvision's layout, C×H×W (or 1×C×H×W), uint8 or float
+    in [0, 1]; it is not changed (nor its gradient).
     """
     if isinstance(image, str) and image in scenes.CLASS_NAMES and not Path(image).exists():
         return scenes.load_sample(image).image
     if isinstance(image, (str, os.PathLike)):
         return load_image(image)
     if isinstance(image, Image.Image):
-        return _pil_to_rgb(image)
+        return _pil_to_rgb(ImageOps.exif_transpose(image))
+    if isinstance(image, torch.Tensor):
+        return to_rgb_uint8(_tensor_to_hwc(image), "tensor image")
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"an image must be a path, a sample name, an array, a PIL image or a tensor, "
+                        f"got {type(image).__name__}")
     return to_rgb_uint8(image)
+
+
+def _tensor_to_hwc(tensor: torch.Tensor) -> np.ndarray:
+    """A C×H×W or 1×C×H×W image tensor (C = 1, 3 or 4) as an H×W×C array, detached and on the CPU."""
+    t = tensor.detach().cpu()
+    if t.dim() == 4 and t.shape[0] == 1:
+        t = t[0]
+    if t.dim() != 3 or t.shape[0] not in (1, 3, 4):
+        raise ValueError(f"a tensor image must be C×H×W or 1×C×H×W with C = 1, 3 or 4, got shape {tuple(tensor.shape)}")
+    hwc = t.permute(1, 2, 0).numpy()
+    return hwc[..., 0] if hwc.shape[2] == 1 else hwc
 
 
 @dataclass(frozen=True)
@@ -423,10 +485,39 @@ def class_probabilities(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.softmax(model(x).float(), dim=1)
 
 
+@torch.no_grad()
+def checked_probabilities(loaded: LoadedModel, x: torch.Tensor) -> torch.Tensor:
+    """:func:`class_probabilities` after checking, once, what the model returns for ``x`` (N×3×H×W).
+
+    It must be one floating N×K tensor of finite logits with K ≥ 2, and K must
+    equal the number of labels when the model has labels; otherwise a
+    ValueError says what the model returned and what is needed.
+    """
+    logits = loaded.model(x)
+    what = f"model {loaded.name!r} returned"
+    if isinstance(logits, (tuple, list)):
+        raise ValueError(f"{what} a {type(logits).__name__} of {len(logits)} items; an explained model must return "
+                         "one N×K tensor of logits (wrap it in a module that returns the logits)")
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(f"{what} a {type(logits).__name__}; an explained model must return an N×K tensor of logits")
+    n = x.shape[0]
+    if logits.dim() != 2 or logits.shape[0] != n or logits.shape[1] < 2:
+        raise ValueError(f"{what} a tensor of shape {tuple(logits.shape)} for {n} image(s); it must return "
+                         f"{n}×K logits, one row per image and K ≥ 2 classes")
+    if not logits.is_floating_point():
+        raise ValueError(f"{what} {logits.dtype} values; it must return floating-point logits")
+    if loaded.labels is not None and len(loaded.labels) != logits.shape[1]:
+        raise ValueError(f"{what} {logits.shape[1]} classes but has {len(loaded.labels)} labels; "
+                         "give one label per class")
+    if not torch.isfinite(logits).all():
+        raise ValueError(f"{what} NaN or infinite logits for the input image(s); nothing can be explained")
+    return torch.softmax(logits.float(), dim=1)
+
+
 def assess(loaded: LoadedModel, x: torch.Tensor, k: int = 5) -> list[Prediction]:
     """The model's top-``k`` classes for a 1×3×H×W input, most probable first."""
     with frozen(loaded.model):
-        return _top_k(class_probabilities(loaded.model, x)[0], loaded, k)
+        return _top_k(checked_probabilities(loaded, x)[0], loaded, k)
 
 
 def _top_k(probs: torch.Tensor, loaded: LoadedModel, k: int) -> list[Prediction]:
@@ -479,7 +570,7 @@ class Interval:
 
     def __str__(self) -> str:
         def end(v: float) -> str:
-            return "inf" if np.isinf(v) else f"{v:g}"
+            return "inf" if np.isinf(v) else f"{int(v)}" if v == int(v) and abs(v) >= 1e5 else f"{v:g}"
         return f"{'[' if self.closed_low else '('}{end(self.low)}, {end(self.high)}{']' if self.closed_high else ')'}"
 
 
@@ -581,11 +672,11 @@ class GeneratorSettings(_Stage):
     kind: str = setting("plain", masked="masked", name="generator", choices=GENERATOR_KINDS,
                         help="generator kind: 'plain' perturbs everywhere (the seed's), 'masked' also "
                              "learns where")
-    kernel_size: int = setting(3, values="[1, inf)", widget=(1, 9, 2),
+    kernel_size: int = setting(3, values="[1, 31]", widget=(1, 9, 2),
                                help="side of the generator's shared square conv kernel (made odd)")
-    nblocks: int = setting(3, values="[1, inf)", widget=(1, 6, 1), help="blocks of convolutions, each ending in a ReLU")
-    nlayers: int = setting(3, values="[1, inf)", widget=(1, 6, 1), help="convolutions per block (one shared conv)")
-    mask_size: int = setting(28, values="[2, inf)", widget=(7, 56, 7),
+    nblocks: int = setting(3, values="[1, 20]", widget=(1, 6, 1), help="blocks of convolutions, each ending in a ReLU")
+    nlayers: int = setting(3, values="[1, 20]", widget=(1, 6, 1), help="convolutions per block (one shared conv)")
+    mask_size: int = setting(28, values="[2, 512]", widget=(7, 56, 7),
                              help="masked generator: side of the mask's grid of logits")
     area_coeff: float = setting(1.0, values="[0, inf)", widget=(0.0, 4.0, 0.1),
                                 help="masked generator: weight of the mask's area in the loss")
@@ -608,19 +699,19 @@ class OptimizationSettings(_Stage):
     """How the generator is trained (:func:`optimize_perturbations`). Defaults: the seed preset's."""
 
     STAGE: ClassVar[str] = "optimization"
-    steps: int = setting(1000, fast=300, values="[1, inf)", widget=(1, 2000, 1),
+    steps: int = setting(1000, fast=300, values="[1, 1000000]", widget=(1, 2000, 1),
                          help="Adam steps (at most, when patience > 0)")
-    lr: float = setting(0.01, fast=0.03, masked=0.1, values="(0, inf)", widget=(1e-4, 1.0, "log"),
+    lr: float = setting(0.01, fast=0.03, masked=0.1, values="(0, 1000]", widget=(1e-4, 1.0, "log"),
                         help="Adam's learning rate")
     l1_coeff: float = setting(1.0, masked=0.0, values="[0, inf)", widget=(0.0, 5.0, 0.1),
                               help="weight of the L1 term, mean abs(x - x_pert), in the loss")
-    patience: int = setting(0, fast=20, values="[0, inf)",
+    patience: int = setting(0, fast=20, values="[0, 1000000]",
                             help="stop when the stopping rule held for this many steps (0: never stop early)")
     precision: str = setting("fp32", fast="bf16", choices=PRECISIONS,
                              help="arithmetic of the forward passes: fp32 or bfloat16 autocast")
-    jitter: int = setting(0, masked=4, values="[0, inf)", help="shift the perturbed image by up to this many px "
+    jitter: int = setting(0, masked=4, values="[0, 1000]", help="shift the perturbed image by up to this many px "
                                                                "each step (0: never)")
-    runs: int = setting(1, masked=2, values="[1, inf)",
+    runs: int = setting(1, masked=2, values="[1, 100]",
                         help="optimizations from successive generator seeds; their masks are combined")
 
 
@@ -632,13 +723,13 @@ class PostprocessingSettings(_Stage):
     STAGE: ClassVar[str] = "postprocessing"
     difference: str = setting("signed-mean", choices=DIFFERENCES,
                               help="how x - x_pert is reduced over channels (plain generator)")
-    smoothing: float = setting(0.0, masked=16.0, values="[0, inf)", widget=(0.0, 32.0, 1.0),
+    smoothing: float = setting(0.0, masked=16.0, values="[0, 1000]", widget=(0.0, 32.0, 1.0),
                                help="Gaussian blur sigma in px before sharpening (0: none)")
-    power: float = setting(6, masked=4, values="(0, inf)", widget=(0.5, 12.0, 0.5),
+    power: float = setting(6, masked=4, values="(0, 100]", widget=(0.5, 12.0, 0.5),
                            help="exponent that sharpens the map")
     border: float = setting(0.1, masked=0.0, values="[0, 0.5)", widget=(0.0, 0.45, 0.01),
                             help="fraction of rows and columns zeroed on every side")
-    dilation: int = setting(20, masked=1, values="[1, inf)", widget=(1, 40, 1),
+    dilation: int = setting(20, masked=1, values="[1, 1000]", widget=(1, 40, 1),
                             help="side of the square of the grey dilation (1: none)")
 
 
@@ -962,6 +1053,7 @@ def optimize_perturbations(model: nn.Module, x: torch.Tensor, generator: Perturb
             losses.sum().backward()
             optimizer.step()
             history[running, step - 1] = torch.stack([losses, probabilities, l1s], dim=1).detach().cpu().numpy()
+            _check_finite(history[running, step - 1, 0], f"the loss at step {step}", lr)
             if callback is not None:
                 callback(step, history[running, step - 1, 1])
             done = [k for k, i in enumerate(running) if step == steps or (
@@ -971,6 +1063,7 @@ def optimize_perturbations(model: nn.Module, x: torch.Tensor, generator: Perturb
             with torch.no_grad():
                 x_pert = generator(xs)
                 finals = class_probabilities(model, x_pert)[torch.arange(len(running)), ts]
+                _check_finite(finals.cpu().numpy(), "the perturbed image's score after the last step", lr)
                 masks = generator.mask(tuple(x.shape[-2:]))
             for k in done:
                 i = running[k]
@@ -986,6 +1079,14 @@ def optimize_perturbations(model: nn.Module, x: torch.Tensor, generator: Perturb
             running = [running[k] for k in keep]
             xs, ts = x[running], targets[running]
     return results
+
+
+def _check_finite(values: np.ndarray, what: str, lr: float) -> None:
+    """Stop the optimization with a ValueError when ``values`` hold NaN or inf (never return a NaN result)."""
+    if not np.isfinite(values).all():
+        raise ValueError(f"the optimization diverged: {what} is {values[~np.isfinite(values)][0]} "
+                         f"(with lr {lr:g}; a smaller lr, or a model that stays finite on perturbed images, "
+                         f"avoids this)")
 
 
 def _first_image(callback: Callable[[int, float], None] | None) -> Callable[[int, np.ndarray], None] | None:
@@ -1200,6 +1301,7 @@ def explain_batch(images: Sequence[str | os.PathLike | np.ndarray | Image.Image]
     images: split a long list into batches of about 16.
     """
     settings = _resolve_settings(preset, settings, values)
+    _check_seed(seed)
     if len(images) == 0:
         raise ValueError("no images to explain")
     if targets is not None and len(targets) != len(images):
@@ -1207,7 +1309,7 @@ def explain_batch(images: Sequence[str | os.PathLike | np.ndarray | Image.Image]
     loaded = load_model(model, device=device, weights_path=weights_path)
     x = torch.cat([loaded.preprocessing(read_image(image), device=loaded.device) for image in images])
     with frozen(loaded.model):
-        probs = class_probabilities(loaded.model, x)
+        probs = checked_probabilities(loaded, x)
     predictions = [_top_k(p, loaded, 5) for p in probs]
     if verbose:
         print("\n".join(format_predictions(p) for p in predictions))
@@ -1251,8 +1353,18 @@ def _combined_runs(results: Sequence[OptimizationResult]) -> OptimizationResult:
     return replace(results[0], mask=mask, seconds=sum(r.seconds for r in results))
 
 
+def _check_seed(seed: int) -> None:
+    """A generator seed must be an integer that torch takes, also after adding the run number."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an integer, got {type(seed).__name__} {seed!r}")
+    if not -2**62 <= seed <= 2**62:
+        raise ValueError(f"seed must be an integer in [-2**62, 2**62], got {seed}")
+
+
 def _check_target(target: int, num_classes: int) -> None:
-    if int(target) != target or not 0 <= target < num_classes:
+    if isinstance(target, bool) or not isinstance(target, (int, np.integer)):
+        raise TypeError(f"a target class must be an integer index, got {type(target).__name__} {target!r}")
+    if not 0 <= target < num_classes:
         raise ValueError(f"target class {target} is out of range: the model has {num_classes} classes "
                          f"(0 to {num_classes - 1})")
 
@@ -1498,7 +1610,7 @@ def save_outputs(explanation: Explanation, out_dir: str | os.PathLike, stem: str
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fig = plot_panels(explanation)
-    summary = json.dumps(explanation.summary(), indent=2).encode()
+    summary = json.dumps(explanation.summary(), indent=2, allow_nan=False).encode()  # strict JSON: never NaN
     writers = {
         out_dir / f"{stem}_explanation.png": lambda f: fig.savefig(f, format="png", dpi=100),
         out_dir / f"{stem}_saliency.npy": lambda f: np.save(f, explanation.saliency.astype(np.float32)),
@@ -1509,9 +1621,3 @@ def save_outputs(explanation: Explanation, out_dir: str | os.PathLike, stem: str
     finally:
         plt.close(fig)
     return list(writers)
-
-
-if __name__ == "__main__":  # `python deepexplain.py ...`: the command line lives in deepexplain_cli
-    import runpy
-
-    runpy.run_module("deepexplain_cli", run_name="__main__")

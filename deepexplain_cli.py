@@ -9,7 +9,8 @@ Commands, each a function registered on its subparser with ``set_defaults(func=.
 
 Every setting of :data:`deepexplain.SETTINGS` is an ``explain`` option, with its
 type, allowed values, help and each preset's value taken from its declaration.
-Bad input ends with one line on stderr and exit status 2; Ctrl-C with exit status 130.
+Bad input ends with one line on stderr and exit status 2; Ctrl-C at any moment with one line and exit
+status 130, SIGTERM with exit status 143; outputs are written all or none (:mod:`deepexplain_io`).
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import deepexplain as de
-import deepexplain_bench as bench
-import deepexplain_eval as ev
-import deepexplain_scenes as scenes
+from deepexplain_io import Terminated, sigterm_raises
+
+# The project's modules import torch, which takes seconds: they are imported inside main(), after the signal
+# handlers are set, so that a Ctrl-C or SIGTERM during start-up ends with one line too.
+de = bench = ev = scenes = None
 
 __all__ = ["parser", "main"]
 
@@ -58,7 +60,7 @@ def _train(args: argparse.Namespace) -> None:
         out, options = scenes.SHORTCUT_WEIGHTS_PATH, {**scenes.SHORTCUT_TRAINING, "marked": True}
     else:
         out, options = scenes.WEIGHTS_PATH, {}
-    print(json.dumps(scenes.train(args.out or out, **options), indent=2))
+    print(json.dumps(scenes.train(args.out or out, **options), indent=2, allow_nan=False))
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -127,22 +129,41 @@ def _bench_parser(commands) -> None:
     be.set_defaults(func=_bench)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, with a usage error on one line (``deepexplain: error: ...``) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"deepexplain: error: {message}\n")
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line's parser, one subparser per command."""
-    top = argparse.ArgumentParser(prog="deepexplain.py", description=de.__doc__.split("\n\n")[0])
+    _import_modules()
+    top = _Parser(prog="deepexplain.py", description=de.__doc__.split("\n\n")[0])
     commands = top.add_subparsers(dest="command", required=True)
     for add in (_explain_parser, _train_parser, _evaluate_parser, _bench_parser):
         add(commands)
     return top
 
 
+def _import_modules() -> None:
+    """Import the project's modules (and torch) into this module's globals."""
+    global de, bench, ev, scenes
+    import deepexplain as de
+    import deepexplain_bench as bench
+    import deepexplain_eval as ev
+    import deepexplain_scenes as scenes
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns the exit status (2 with a one-line message for bad input, 130 on Ctrl-C)."""
+    """Run one command; returns the exit status: 0, 2 with a one-line message for bad input, 130 for
+    Ctrl-C and 143 for SIGTERM (each with one line on stderr)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser().parse_args(argv)
-    args.argv = argv
     try:
-        args.func(args)
+        with sigterm_raises():
+            args = parser().parse_args(argv)
+            args.argv = argv
+            args.func(args)
         return 0
     except (ValueError, TypeError, OSError) as err:
         print(f"deepexplain: error: {err}", file=sys.stderr)
@@ -150,7 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("deepexplain: interrupted", file=sys.stderr)
         return 130
-
+    except Terminated:
+        print("deepexplain: terminated", file=sys.stderr)
+        return 143
 
 if __name__ == "__main__":
     sys.exit(main())

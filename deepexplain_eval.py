@@ -431,7 +431,7 @@ def scene_cases(loaded: de.LoadedModel, scene_ids: Sequence[int], marks: str | N
     for scene_id in scene_ids:
         scene = scenes.make_scene_with_marks(scene_id, marks)
         x = loaded.preprocessing(scene.image, device=loaded.device)
-        target = int(de.class_probabilities(loaded.model, x).argmax())
+        target = int(de.checked_probabilities(loaded, x).argmax())
         cases.append(Case(scene.image, x, target, scene.mask, scene_id))
     return cases
 
@@ -506,6 +506,8 @@ def evaluate(n_scenes: int = 100, model: str | nn.Module | de.LoadedModel = "sha
                                ("shortcut_scenes", shortcut_scenes, 0)):
         if int(value) != value or value < least:
             raise ValueError(f"{name} must be a whole number ≥ {least}, got {value}")
+    if steps is not None and (int(steps) != steps or steps < 1):
+        raise ValueError(f"steps must be a whole number ≥ 1 (or None for each method's own), got {steps}")
     loaded = de.load_model(model, device=device)
     cases = scene_cases(loaded, range(first_scene_id, first_scene_id + n_scenes))
     scores, kept = _main_scores(loaded, cases, methods, steps, max(n_examples, sanity_scenes), progress)

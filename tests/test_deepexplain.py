@@ -245,7 +245,7 @@ def test_settings_are_grouped_by_stage_and_changed_by_name():
 
 @pytest.mark.parametrize("bad, error, message", [
     ({"steps": 0}, ValueError, "steps"), ({"steps": -3}, ValueError, "steps"), ({"lr": 0}, ValueError, "lr"),
-    ({"lr": -0.1}, ValueError, "lr"), ({"lr": float("inf")}, ValueError, "lr must be a number in (0, inf)"),
+    ({"lr": -0.1}, ValueError, "lr"), ({"lr": float("inf")}, ValueError, "lr must be a number in (0, 1000]"),
     ({"lr": float("nan")}, ValueError, "lr must be"), ({"steps": 2.5}, ValueError, "steps must be an integer"),
     ({"border": 0.5}, ValueError, "border"), ({"dilation": 0}, ValueError, "dilation"),
     ({"power": 0}, ValueError, "power"), ({"nlayers": 0}, ValueError, "nlayers"),

@@ -98,9 +98,9 @@ def test_batched_masked_explanations_equal_separate_runs(shapes, images):
 
 
 @pytest.mark.parametrize("bad, message", [({"generator": "unet"}, "generator must be one of plain, masked"),
-                                          ({"mask_size": 1}, "mask_size must be an integer in [2, inf)"),
+                                          ({"mask_size": 1}, "mask_size must be an integer in [2, 512]"),
                                           ({"tv_coeff": -1.0}, "tv_coeff must be a number in [0, inf)"),
-                                          ({"jitter": -2}, "jitter must be an integer in [0, inf)"),
+                                          ({"jitter": -2}, "jitter must be an integer in [0, 1000]"),
                                           ({"runs": 2, "generator": "plain"}, "runs must be 1 with the 'plain'")])
 def test_masked_hyperparameters_are_checked(bad, message):
     with pytest.raises(ValueError, match=re.escape(message)):
