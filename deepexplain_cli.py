@@ -46,7 +46,14 @@ def _add_settings(command: argparse.ArgumentParser) -> None:
                                         metavar=spec.type.__name__.upper(), help=_setting_help(spec))
 
 
+def _check_output_folder(path: Path) -> None:
+    """Fail before any work when the output folder cannot be one (a file of that name is in the way)."""
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"--out {path} is a file, not a folder")
+
+
 def _explain(args: argparse.Namespace) -> None:
+    _check_output_folder(args.out)
     values = {name: getattr(args, name) for name in de.SETTINGS}
     result = de.explain(args.image, args.model, preset=args.preset, target=args.target, seed=args.seed,
                         device=args.device, weights_path=args.weights, **values)
@@ -64,6 +71,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    _check_output_folder(args.out)
     result = ev.evaluate(args.scenes, args.model, args.methods, steps=args.steps, sanity_scenes=args.sanity_scenes,
                          shortcut_scenes=args.shortcut_scenes, device=args.device)
     for path in ev.write_report(result, args.out, " ".join(["python deepexplain.py", *args.argv])):
@@ -156,12 +164,15 @@ def _import_modules() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns the exit status: 0, 2 with a one-line message for bad input, 130 for
-    Ctrl-C and 143 for SIGTERM (each with one line on stderr)."""
+    """Run one command; returns the exit status: 0, 2 with a one-line message for bad input (argparse's
+    own errors included), 130 for Ctrl-C and 143 for SIGTERM (each with one line on stderr)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         with sigterm_raises():
-            args = parser().parse_args(argv)
+            try:
+                args = parser().parse_args(argv)
+            except SystemExit as stop:  # --help, or argparse's one-line error (_Parser.error)
+                return stop.code or 0
             args.argv = argv
             args.func(args)
         return 0
@@ -174,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Terminated:
         print("deepexplain: terminated", file=sys.stderr)
         return 143
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -285,11 +285,16 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
     (["--target", "-1"], "out of range"),
     (["--generator", "unet"], "generator must be one of plain, masked"),
     (["--runs", "2", "--generator", "plain"], "runs must be 1 with the 'plain' generator"),
+    (["--seed", "100000000000000000000000"], "seed must be an integer in [-2**62, 2**62]"),
+    (["--target", "2.5"], "argument --target: invalid int value: '2.5'"),
+    (["--preset", "turbo"], "argument --preset: invalid choice: 'turbo'"),
+    (["--out", "{file}"], "is a file, not a folder"),
 ])
-def test_cli_rejects_hostile_settings_in_one_line(tmp_path, capsys, args, message):
-    out = tmp_path / "out"
+def test_cli_rejects_hostile_input_in_one_line(tmp_path, capsys, args, message):
+    out, file = tmp_path / "out", tmp_path / "a_file"
+    file.write_text("not a folder")
     code = cli.main(["explain", "star", "--model", "shapes", "--steps", "2", "--device", "cpu", "--out", str(out),
-                     *args])
+                     *(a.format(file=file) for a in args)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == f"deepexplain: error: {err.split('error: ', 1)[1]}" and message in err
     assert "\n" not in err and not out.exists()
