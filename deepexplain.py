@@ -790,6 +790,17 @@ def resolve_hyperparameters(preset: str | None = None, **overrides) -> dict:
     return Settings.from_preset(preset, **overrides).as_dict()
 
 
+def _stage_settings(settings: _Stage | None, stage: type[_Stage], values: Mapping[str, object]) -> _Stage:
+    """``settings`` (default: ``stage()``, the seed preset's) with ``values`` changed by name; a TypeError when
+    ``settings`` is not of that stage (e.g. a number given where the old signatures took one positionally)."""
+    if settings is None:
+        settings = stage()
+    elif not isinstance(settings, stage):
+        raise TypeError(f"expected {stage.__name__} (or settings as keywords such as "
+                        f"{stage.specs()[0].name}=...), got {type(settings).__name__} {settings!r}")
+    return settings.updated(**values)
+
+
 def settings_table() -> str:
     """The settings as a Markdown table (the README's): name, stage, allowed values, each preset's value, help."""
     header = ["setting", "stage", "allowed", *(f"`{p}`" for p in PRESET_BASES), "what it does"]
@@ -951,7 +962,7 @@ def make_generator(settings: GeneratorSettings | None = None, *, seed: int = 0, 
     ``settings`` defaults to the seed preset's; ``values`` change settings by name:
     ``make_generator(kernel_size=5, seed=1)``, ``make_generator(generator="masked")``.
     """
-    settings = (settings or GeneratorSettings()).updated(**values)
+    settings = _stage_settings(settings, GeneratorSettings, values)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return GENERATORS[settings.kind].from_settings(settings, copies)
@@ -1023,7 +1034,7 @@ def optimize_perturbations(model: nn.Module, x: torch.Tensor, generator: Perturb
     finished. ``callback(step, probabilities)`` gets the target probabilities
     of the images still running. ``settings.runs`` is :func:`explain_batch`'s, not read here.
     """
-    settings = (settings or OptimizationSettings()).updated(**values)
+    settings = _stage_settings(settings, OptimizationSettings, values)
     steps, lr, patience, jitter = settings.steps, settings.lr, settings.patience, settings.jitter
     n = x.shape[0]
     if len(targets) != n or generator.copies != n:
@@ -1209,7 +1220,7 @@ def saliency_map(x: torch.Tensor, x_pert: torch.Tensor, settings: Postprocessing
     [0, 1]) the first stage is the mask itself — where the perturbation had to
     act — instead of the difference.
     """
-    s = (settings or PostprocessingSettings()).updated(**values)
+    s = _stage_settings(settings, PostprocessingSettings, values)
     source = difference_map(x, x_pert, s.difference) if mask is None else mask[0, 0].detach().cpu().double().numpy()
     return dilate(crop_border(sharpen(smooth(source, s.smoothing), s.power), s.border), s.dilation).astype(np.float32)
 
@@ -1373,7 +1384,7 @@ def with_postprocessing(explanation: Explanation, settings: PostprocessingSettin
                         **values) -> Explanation:
     """A copy of ``explanation`` with its map recomputed (no re-optimization) for other post-processing
     ``settings`` (default: the explanation's own), with ``values`` changing some by name (``power=2``)."""
-    post = (settings or explanation.settings.postprocessing).updated(**values)
+    post = _stage_settings(settings or explanation.settings.postprocessing, PostprocessingSettings, values)
     saliency = saliency_map(explanation.input, explanation.perturbed, post, mask=explanation.mask)
     return replace(explanation, saliency=saliency, center_of_mass=center_of_mass(saliency),
                    settings=replace(explanation.settings, postprocessing=post))
@@ -1528,7 +1539,7 @@ def generator_panel(x: torch.Tensor, settings: GeneratorSettings | None = None, 
     """
     import ipywidgets as widgets
 
-    start = Settings(generator=(settings or GeneratorSettings()).updated(**values))
+    start = Settings(generator=_stage_settings(settings, GeneratorSettings, values))
     controls = _controls(start, _GENERATOR_CONTROLS)
     image = widgets.Image(format="png")
 

@@ -261,6 +261,13 @@ def test_bad_settings_are_named(bad, error, message):
         de.resolve_hyperparameters(**bad)
 
 
+def test_a_stage_function_names_a_positional_value_where_settings_belong(explanation):
+    with pytest.raises(TypeError, match="expected PostprocessingSettings .* got int 6"):
+        de.with_postprocessing(explanation, 6)  # power, where the signature before settings objects took it
+    with pytest.raises(TypeError, match="expected OptimizationSettings"):
+        de.optimize_perturbation(explanation.input, explanation.input, de.make_generator(), 0, 100)
+
+
 def test_even_kernel_size_is_made_odd_with_a_warning():
     with pytest.warns(UserWarning, match="even"):
         assert de.resolve_hyperparameters(kernel_size=2)["kernel_size"] == 3
