@@ -19,7 +19,8 @@ Example (runs offline on the embedded shapes model)::
     de.plot_panels(result).savefig("explanation.png")
 
 Stages, each a function of its own: :func:`read_image` → :class:`Preprocessing`
-→ :func:`load_model` and :func:`assess` → :func:`make_generator`
+(the whole-image stretch, or a torchvision model's resize + center crop, with
+the :class:`PhotoMapping` back to the photo) → :func:`load_model` and :func:`assess` → :func:`make_generator`
 (:data:`GENERATORS`: :class:`PerturbationGenerator`,
 :class:`MaskedPerturbationGenerator`) and :func:`optimize_perturbation` →
 :func:`difference_map`, :func:`sharpen`, :func:`crop_border`, :func:`dilate`,
@@ -77,7 +78,7 @@ from deepexplain_io import load_weights, read_state_dict, write_atomically
 __all__ = [
     "DIFFERENCES", "PRECISIONS", "GENERATOR_KINDS", "AUTO_MODEL", "OFFLINE_ENV",
     "MAX_IMAGE_PIXELS", "MAX_PIXELS_ENV", "max_image_pixels", "load_image", "read_image", "to_rgb_uint8",
-    "Preprocessing", "channel_mean",
+    "Preprocessing", "PhotoMapping", "channel_mean",
     "LoadedModel", "load_model", "frozen", "resolve_device",
     "Prediction", "class_probabilities", "checked_probabilities", "assess", "format_predictions",
     "PRESET_BASES", "DEFAULT_PRESET", "Interval", "setting", "SettingSpec", "GeneratorSettings",
@@ -252,26 +253,129 @@ def _tensor_to_hwc(tensor: torch.Tensor) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class PhotoMapping:
+    """Where the classifier's input came from in the original photo (:meth:`Preprocessing.mapping`).
+
+    ``original``: the photo's (height, width); ``resized``: its (height, width)
+    after resizing; ``crop``: (top, left, height, width) of the model's input
+    inside the resized image. Stretch preprocessing resizes to the input size
+    and crops nothing.
+    """
+
+    original: tuple[int, int]
+    resized: tuple[int, int]
+    crop: tuple[int, int, int, int]
+
+    def crop_in_original(self) -> tuple[float, float, float, float]:
+        """(top, left, height, width) of the model's input in the original photo's pixels (floats)."""
+        sy, sx = self.original[0] / self.resized[0], self.original[1] / self.resized[1]
+        top, left, height, width = self.crop
+        return top * sy, left * sx, height * sy, width * sx
+
+    def to_original(self, saliency: np.ndarray, fill: float = np.nan) -> np.ndarray:
+        """An h×w map of the model's input placed back on the original photo: a float H0×W0 array
+        (H0×W0 = ``original``), bilinearly resized into the crop's box, ``fill`` outside it."""
+        saliency = np.asarray(saliency, dtype=float)
+        if saliency.ndim != 2:
+            raise ValueError(f"a saliency map must be 2-D (h×w), got shape {saliency.shape}")
+        sy, sx = self.original[0] / self.resized[0], self.original[1] / self.resized[1]
+        top, left, height, width = self.crop
+        rows = slice(round(top * sy), round((top + height) * sy))
+        cols = slice(round(left * sx), round((left + width) * sx))
+        out = np.full(self.original, fill, dtype=float)
+        box = (rows.stop - rows.start, cols.stop - cols.start)
+        out[rows, cols] = transform.resize(saliency, box, order=1, anti_aliasing=False)
+        return out
+
+    def as_dict(self) -> dict:
+        """JSON-ready: original and resized (height, width), crop (top, left, height, width)."""
+        return {"original": list(self.original), "resized": list(self.resized), "crop": list(self.crop)}
+
+
+@dataclass(frozen=True)
 class Preprocessing:
     """The classifier's input transform and its inverse.
 
-    ``__call__`` resizes an RGB uint8 H×W×3 image to ``size`` (the seed's
-    ``skimage.transform.resize``: the whole image, no crop, anti-aliased), scales
-    it to [0, 1] and normalizes each channel with ``mean``/``std``, in **RGB**
-    order (by default ImageNet's, :data:`deepexplain_scenes.MEAN`/``STD``). (The seed flipped the image to BGR before applying these RGB
-    statistics; torchvision's weights expect RGB, so that flip is a bug and is
-    not reproduced here.)
+    ``__call__`` maps an RGB uint8 H×W×3 image to the model's input ``size``
+    in one of two ways, scales it to [0, 1] and normalizes each channel with
+    ``mean``/``std``, in **RGB** order (by default ImageNet's,
+    :data:`deepexplain_scenes.MEAN`/``STD``):
+
+    * ``resize=None`` (*stretch*, the seed's and the embedded model's): the whole
+      image is resized to ``size`` (``skimage.transform.resize``, anti-aliased),
+      non-square photos are squeezed;
+    * ``resize=n`` (*crop*, what torchvision's ImageNet weights were trained
+      with): the shorter side is resized to n px (bilinear, anti-aliased, aspect
+      kept), then the center ``size`` is cropped — torchvision's
+      ``weights.transforms()`` exactly; :meth:`from_weights` takes n, ``size``,
+      mean and std from a weights' metadata. Named torchvision models get this.
+
+    :meth:`mapping` says where the input lies in the original photo. (The seed
+    flipped the image to BGR before applying these RGB statistics; torchvision's
+    weights expect RGB, so that flip is a bug and is not reproduced here.)
     """
 
     mean: tuple[float, float, float] = scenes.MEAN
     std: tuple[float, float, float] = scenes.STD
     size: tuple[int, int] = (224, 224)
+    resize: int | None = None
+    source: str = ""
+
+    def __post_init__(self):
+        if self.resize is not None and (int(self.resize) != self.resize or self.resize < max(self.size)):
+            raise ValueError(f"resize must be a whole number of px ≥ the crop size {max(self.size)} "
+                             f"(or None to stretch), got {self.resize}")
+
+    @classmethod
+    def from_weights(cls, weights: torchvision.models.WeightsEnum) -> Preprocessing:
+        """Resize + center crop with the size, crop, mean and std of ``weights.transforms()``."""
+        t = weights.transforms()
+        if list(t.resize_size) != list(t.resize_size[:1]) or len(t.crop_size) != 1:
+            raise ValueError(f"{weights}: expected one resize size and one square crop, "
+                             f"got {t.resize_size} and {t.crop_size}")
+        return cls(tuple(t.mean), tuple(t.std), (t.crop_size[0],) * 2, t.resize_size[0],
+                   f"torchvision {type(weights).__name__}.{weights.name}")
+
+    @property
+    def mode(self) -> str:
+        """``"stretch"`` (whole image to ``size``) or ``"crop"`` (resize the short side, crop the center)."""
+        return "stretch" if self.resize is None else "crop"
+
+    def describe(self) -> str:
+        """One line: how an image becomes the model's input, e.g. "resize short side to 232 px, center
+        crop 224×224 (torchvision ...)"."""
+        h, w = self.size
+        text = (f"stretch the whole image to {h}×{w}" if self.resize is None else
+                f"resize the short side to {self.resize} px, center crop {h}×{w}")
+        return text + (f" ({self.source})" if self.source else "")
+
+    def mapping(self, image: np.ndarray) -> PhotoMapping:
+        """Where the model's input lies in ``image`` (H×W×…): original size, resized size, crop box."""
+        original = tuple(int(n) for n in np.shape(image)[:2])
+        if self.resize is None:
+            return PhotoMapping(original, self.size, (0, 0, *self.size))
+        short, long = sorted(original)
+        resized_long = int(self.resize * long / short)  # torchvision's rounding
+        resized = (self.resize, resized_long) if original[0] <= original[1] else (resized_long, self.resize)
+        top, left = (int(round((r - c) / 2.0)) for r, c in zip(resized, self.size))
+        return PhotoMapping(original, resized, (top, left, *self.size))
 
     def __call__(self, image: np.ndarray, device: torch.device | str | None = None) -> torch.Tensor:
-        """RGB uint8 H×W×3 → normalized float32 tensor 1×3×size, on ``device``."""
-        resized = transform.resize(to_rgb_uint8(image), self.size, order=1, anti_aliasing=True)
-        normalized = (resized - np.array(self.mean)) / np.array(self.std)
-        tensor = torch.from_numpy(normalized.astype(np.float32).transpose(2, 0, 1).copy())
+        """RGB uint8 H×W×3 → normalized float32 tensor 1×3×size, on ``device``; ``image`` is not changed."""
+        image = to_rgb_uint8(image)
+        if self.resize is None:
+            resized = transform.resize(image, self.size, order=1, anti_aliasing=True)
+            normalized = (resized - np.array(self.mean)) / np.array(self.std)
+            tensor = torch.from_numpy(normalized.astype(np.float32).transpose(2, 0, 1).copy())
+            return tensor.unsqueeze(0).to(device)
+        mapping = self.mapping(image)
+        chw = torch.from_numpy(image.transpose(2, 0, 1).copy())
+        resized = torchvision.transforms.functional.resize(
+            chw, list(mapping.resized), interpolation=torchvision.transforms.InterpolationMode.BILINEAR,
+            antialias=True)
+        cropped = torchvision.transforms.functional.center_crop(resized, list(self.size))
+        unit = cropped.float() / 255.0
+        tensor = torchvision.transforms.functional.normalize(unit, list(self.mean), list(self.std))
         return tensor.unsqueeze(0).to(device)
 
     def to_image(self, tensor: torch.Tensor) -> np.ndarray:
@@ -349,6 +453,11 @@ def load_model(name: str | nn.Module | LoadedModel = "auto", device: torch.devic
       copied nor changed: moved only when ``device`` is given; :func:`explain`
       freezes it only while it runs and restores it after.
 
+    A named torchvision model gets the resize + center crop of its weights'
+    metadata (:meth:`Preprocessing.from_weights`), ``"shapes"`` and a user's
+    module the whole-image stretch; ``preprocessing`` replaces either (e.g.
+    ``Preprocessing()`` to stretch a photo for VGG19 as the seed did).
+
     Raises ValueError for an unknown name, unusable weights or an unavailable device.
     """
     if isinstance(name, LoadedModel):
@@ -374,6 +483,8 @@ def load_model(name: str | nn.Module | LoadedModel = "auto", device: torch.devic
     else:
         loaded = _load_torchvision_model(name, weights_path)
         loaded.note = note
+    if preprocessing is not None:
+        loaded.preprocessing = preprocessing
     loaded.model.to(device).eval().requires_grad_(False)
     return loaded
 
@@ -390,9 +501,7 @@ def _load_torchvision_model(name: str, weights_path: str | os.PathLike | None) -
     else:
         state, source = read_state_dict(weights_path), str(weights_path)
     model = load_weights(torchvision.models.get_model(name, weights=None), state, name, source)
-    norm = weights.transforms()
-    return LoadedModel(model, Preprocessing(tuple(norm.mean), tuple(norm.std)),
-                       weights.meta["categories"], name)
+    return LoadedModel(model, Preprocessing.from_weights(weights), weights.meta["categories"], name)
 
 
 def _cached_weights_file(url: str) -> Path:
@@ -1235,7 +1344,9 @@ class Explanation(OptimizationResult):
     float32 ≥ 0; ``center_of_mass``: (row, col) in pixels of the H×W map, or
     None when the map is all zero; ``label``: the target's class name;
     ``predictions``: the model's top 5 for ``input``; ``settings``: every
-    setting used; ``seed``: the random seed of the (first) generator.
+    setting used; ``seed``: the random seed of the (first) generator;
+    ``mapping``: where ``input`` (and so the map) lies in the original image
+    (``mapping.to_original(saliency)`` places the map back on it).
     """
 
     input: torch.Tensor
@@ -1247,6 +1358,7 @@ class Explanation(OptimizationResult):
     predictions: list[Prediction]
     preprocessing: Preprocessing = field(repr=False)
     seed: int = 0
+    mapping: PhotoMapping | None = None
 
     @property
     def hyperparameters(self) -> dict:
@@ -1254,13 +1366,15 @@ class Explanation(OptimizationResult):
         return self.settings.as_dict()
 
     def summary(self) -> dict:
-        """A JSON-ready dict: model, target, scores, center of mass, steps, time and every setting."""
+        """A JSON-ready dict: model, target, scores, center of mass, steps, time, the preprocessing (how the
+        image became the input, and where the input lies in it) and every setting."""
         return {
             "model": self.model_name, "target": self.target, "label": self.label,
             "original_score": self.original_score, "perturbed_score": self.perturbed_score,
             "center_of_mass": None if self.center_of_mass is None else list(self.center_of_mass),
             "steps_run": self.steps_run, "seconds": round(self.seconds, 3), "seed": self.seed,
-            "device": str(self.input.device), **self.hyperparameters,
+            "device": str(self.input.device), "preprocessing": self.preprocessing.describe(),
+            "mapping": None if self.mapping is None else self.mapping.as_dict(), **self.hyperparameters,
             "top5": [{"index": p.index, "label": p.label, "probability": p.probability}
                      for p in self.predictions],
         }
@@ -1318,7 +1432,8 @@ def explain_batch(images: Sequence[str | os.PathLike | np.ndarray | Image.Image]
     if targets is not None and len(targets) != len(images):
         raise ValueError(f"{len(images)} images need {len(images)} targets, got {len(targets)}")
     loaded = load_model(model, device=device, weights_path=weights_path)
-    x = torch.cat([loaded.preprocessing(read_image(image), device=loaded.device) for image in images])
+    arrays = [read_image(image) for image in images]
+    x = torch.cat([loaded.preprocessing(array, device=loaded.device) for array in arrays])
     with frozen(loaded.model):
         probs = checked_probabilities(loaded, x)
     predictions = [_top_k(p, loaded, 5) for p in probs]
@@ -1340,7 +1455,8 @@ def explain_batch(images: Sequence[str | os.PathLike | np.ndarray | Image.Image]
         explanations.append(Explanation(
             **vars(result), input=xi, saliency=saliency, center_of_mass=center_of_mass(saliency),
             label=loaded.label(result.target), settings=settings, model_name=loaded.name,
-            predictions=predictions[i], preprocessing=loaded.preprocessing, seed=seed))
+            predictions=predictions[i], preprocessing=loaded.preprocessing, seed=seed,
+            mapping=loaded.preprocessing.mapping(arrays[i])))
     return explanations
 
 

@@ -72,11 +72,19 @@ def _train(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     _check_output_folder(args.out)
-    result = ev.evaluate(args.scenes, args.model, args.methods, steps=args.steps, sanity_scenes=args.sanity_scenes,
-                         shortcut_scenes=args.shortcut_scenes, device=args.device)
+    if args.images is not None:
+        result = ev.evaluate_photos(args.images, args.model, args.methods, weights_path=args.weights,
+                                    split=args.split, first=args.first, limit=args.limit, steps=args.steps,
+                                    sanity_images=2 if args.sanity_scenes is None else args.sanity_scenes,
+                                    device=args.device)
+    else:
+        result = ev.evaluate(args.scenes, args.model, args.methods, steps=args.steps,
+                             sanity_scenes=5 if args.sanity_scenes is None else args.sanity_scenes,
+                             shortcut_scenes=args.shortcut_scenes,
+                             device=args.device)
     for path in ev.write_report(result, args.out, " ".join(["python deepexplain.py", *args.argv])):
         print(f"wrote {path}")
-    print(ev.main_table(result))
+    print(ev.photo_table(result) if args.images is not None else ev.main_table(result))
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -112,13 +120,26 @@ def _train_parser(commands) -> None:
 
 
 def _evaluate_parser(commands) -> None:
-    ev_ = commands.add_parser("evaluate", help="score every explanation method on the embedded scenes")
+    ev_ = commands.add_parser("evaluate", help="score every explanation method on the embedded scenes "
+                              "(or, with --images, on a folder of photos)")
     ev_.add_argument("--scenes", type=int, default=100, help="scenes to explain (default 100)")
     ev_.add_argument("--model", default="shapes", help="the model to explain (default shapes)")
+    ev_.add_argument("--weights", type=Path, help="a local state_dict file for the model's architecture")
     ev_.add_argument("--methods", nargs="+", metavar="METHOD",
-                     help=f"methods to run (default all: {' '.join(ev.METHODS)})")
+                     help=f"methods to run (default all: {' '.join(ev.METHODS)}; with --images: "
+                          f"{' '.join(ev.PHOTO_METHODS)})")
     ev_.add_argument("--steps", type=int, help="override the optimizing methods' steps (quick runs)")
-    ev_.add_argument("--sanity-scenes", type=int, default=5, help="scenes for the randomization check")
+    photos = ev_.add_argument_group("photos (deletion/insertion only: photos have no ground truth)")
+    photos.add_argument("--images", type=Path, metavar="DIR",
+                        help="explain the photos of DIR (in the order of its labels.csv, else by name) "
+                             "instead of the embedded scenes; the target is the model's top class")
+    photos.add_argument("--split", choices=ev.SPLITS, default="all",
+                        help=f"photos of every row, of the even rows (tuning: {ev.TUNING_SPLIT}) or of the "
+                             f"odd rows (report: {ev.REPORT_SPLIT}); default all")
+    photos.add_argument("--first", type=int, default=0, help="skip this many photos of the split (default 0)")
+    photos.add_argument("--limit", type=int, help="explain at most this many photos (default all)")
+    ev_.add_argument("--sanity-scenes", type=int,
+                     help="scenes for the randomization check (default 5; with --images, photos, default 2)")
     ev_.add_argument("--shortcut-scenes", type=int, default=20, help="scenes for the planted shortcut")
     ev_.add_argument("--device", choices=DEVICES, help="default: cuda when available")
     ev_.add_argument("--out", type=Path, default=Path("evaluation"), help="output folder (default evaluation/)")

@@ -23,8 +23,19 @@ map goes through the same metrics:
 Methods: a random map, a centered Gaussian, Captum's Saliency,
 IntegratedGradients, Occlusion and LayerGradCam, Fong & Vedaldi's (2017)
 meaningful-perturbation mask (:func:`meaningful_perturbation`, written here),
-and deepexplain: the seed preset plus variants of its post-processing (one
-optimization, several maps), the fast preset and the masked generator.
+RISE (Petsiuk et al. 2018, :func:`rise`, written here), and deepexplain: the
+seed preset plus variants of its post-processing (one optimization, several
+maps), the fast preset and the masked generator (with variants of its
+post-processing, ``ours-masked-variants``).
+
+Real photos (:func:`evaluate_photos`, ``evaluate --images DIR --model NAME
+--weights FILE``): a folder of photos for a real classifier, the target being
+the model's top class. Photos have no ground truth, so only faithfulness is
+scored (:func:`faithfulness_scores`), under two explicit orders of tied pixels
+(:data:`TIES`): a seeded random order, and a pessimistic one in which a group
+of tied pixels moves only once all of it fits, so that a flat (or flat-topped)
+map cannot win by luck. Photos are split by their row in the folder's list:
+even rows to tune on, odd rows to report. The report holds numbers only.
 
 :func:`evaluate` runs it all and :func:`write_report` writes the tables
 (Markdown and CSV) and a figure grid; ``python deepexplain.py evaluate --help``
@@ -63,6 +74,9 @@ __all__ = [
     "rank_correlation", "mean_ci", "Case", "scene_cases", "run_methods", "score_map",
     "EvaluationResult", "evaluate", "main_table", "sanity_table", "shortcut_table", "paired_differences",
     "comparison_table", "read_scores", "report_markdown",
+    "TIES", "faithfulness_scores", "RISE_MASKS", "rise", "SPLITS", "TUNING_SPLIT", "REPORT_SPLIT",
+    "PHOTO_METRICS", "PHOTO_METHODS", "SCENE_METHODS", "MASKED_VARIANTS", "photo_files", "photo_cases", "evaluate_photos", "photo_table",
+    "photo_report_markdown",
     "plot_map", "plot_examples", "write_report", "REPORT_DIR",
 ]
 
@@ -134,6 +148,10 @@ def blurred(x: torch.Tensor, sigma: float = 10.0) -> torch.Tensor:
     return gaussian_blur(x, [kernel, kernel], [sigma, sigma])
 
 
+#: How :func:`deletion_insertion_curves` orders pixels of equal saliency (see its docstring).
+TIES = ("random", "pessimistic")
+
+
 def _pixel_ranks(saliency: np.ndarray, seed: int = 0) -> np.ndarray:
     """H×W int: 0 for the most salient pixel, 1 for the next, …; ties broken by a seeded shuffle."""
     tie_break = np.random.default_rng(seed).permutation(saliency.size)
@@ -143,28 +161,85 @@ def _pixel_ranks(saliency: np.ndarray, seed: int = 0) -> np.ndarray:
     return ranks.reshape(saliency.shape)
 
 
-@torch.no_grad()
-def deletion_insertion_curves(model: nn.Module, x: torch.Tensor, target: int, saliency: np.ndarray,
-                              n_steps: int = 50, batch_size: int = 26) -> tuple[np.ndarray, np.ndarray]:
-    """Target probabilities as pixels are deleted from / inserted into ``x``, most salient first.
+def _moved(saliency: np.ndarray, counts: Sequence[int], ties: str = "random") -> np.ndarray:
+    """S×H×W bool: for each count c of ``counts``, the pixels moved (deleted or inserted) at that step.
 
-    ``x``: normalized 1×3×H×W; ``saliency``: H×W. Step k of ``n_steps`` has the
-    top k/n_steps of the pixels replaced by :func:`blurred` ``x`` (deletion), or
-    the blurred image with those pixels restored (insertion). Returns two
-    (n_steps + 1,) float arrays in [0, 1], from 0% to 100% of the pixels.
+    ``"random"``: the c most salient pixels, ties in a seeded random order.
+    ``"pessimistic"``: only the pixels strictly more salient than the c-th
+    largest value, so a group of tied pixels moves as one, at the step its
+    last pixel would; a map gets no credit for pixels it did not rank (a flat
+    map moves nothing before 100%).
     """
-    ranks = torch.from_numpy(_pixel_ranks(saliency)).to(x.device)
-    counts = torch.linspace(0, ranks.numel(), n_steps + 1, device=x.device).round()
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {', '.join(TIES)}, got {ties!r}")
+    counts = np.asarray(counts, dtype=np.int64)
+    if ties == "random":
+        return _pixel_ranks(saliency)[None] < counts[:, None, None]
+    values = np.sort(saliency.ravel())[::-1]
+    thresholds = values[np.minimum(counts, values.size - 1)]
+    moved = saliency[None] > thresholds[:, None, None]
+    moved[counts >= values.size] = True
+    return moved
+
+
+def _curves(model: nn.Module, x: torch.Tensor, target: int, moved: np.ndarray,
+            batch_size: int = 26) -> tuple[np.ndarray, np.ndarray]:
+    """Target probabilities with the S×H×W ``moved`` pixels of ``x`` deleted (replaced by :func:`blurred`
+    ``x``) and inserted (into the blurred image): two (S,) float arrays in [0, 1]."""
     background = blurred(x)
     deletion, insertion = [], []
-    for chunk in counts.split(batch_size):
-        changed = (ranks[None] < chunk[:, None, None]).unsqueeze(1).to(x.dtype)  # B×1×H×W, 1 = moved
+    for chunk in torch.from_numpy(moved).to(x.device).split(batch_size):
+        changed = chunk.unsqueeze(1).to(x.dtype)  # B×1×H×W, 1 = moved
         deleted = x * (1 - changed) + background * changed
         inserted = background * (1 - changed) + x * changed
         probs = de.class_probabilities(model, torch.cat([deleted, inserted]))[:, target]
         deletion.append(probs[: len(chunk)])
         insertion.append(probs[len(chunk):])
     return torch.cat(deletion).cpu().numpy(), torch.cat(insertion).cpu().numpy()
+
+
+def _step_counts(n_pixels: int, n_steps: int) -> np.ndarray:
+    """(n_steps + 1,) int: how many pixels are moved at each step, from 0 to ``n_pixels``."""
+    return torch.linspace(0, n_pixels, n_steps + 1).round().long().numpy()  # as the scenes' reports were made
+
+
+@torch.no_grad()
+def deletion_insertion_curves(model: nn.Module, x: torch.Tensor, target: int, saliency: np.ndarray,
+                              n_steps: int = 50, batch_size: int = 26, *,
+                              ties: str = "random") -> tuple[np.ndarray, np.ndarray]:
+    """Target probabilities as pixels are deleted from / inserted into ``x``, most salient first.
+
+    ``x``: normalized 1×3×H×W; ``saliency``: H×W. Step k of ``n_steps`` has the
+    top k/n_steps of the pixels replaced by :func:`blurred` ``x`` (deletion), or
+    the blurred image with those pixels restored (insertion). Pixels of equal
+    saliency (``ties``, :data:`TIES`) go in a seeded random order (``"random"``)
+    or, ``"pessimistic"``, a group of tied pixels moves only once all of it
+    fits (a flat map cannot win by luck; a map without ties gives the same
+    curves either way). Returns two (n_steps + 1,) float arrays in [0, 1],
+    from 0% to 100% of the pixels.
+    """
+    counts = _step_counts(saliency.size, n_steps)
+    return _curves(model, x, target, _moved(saliency, counts, ties), batch_size)
+
+
+@torch.no_grad()
+def faithfulness_scores(model: nn.Module, x: torch.Tensor, target: int, saliency: np.ndarray,
+                        n_steps: int = 50) -> dict[str, float]:
+    """Deletion and insertion AUC of an H×W map under both tie orders (:data:`TIES`): keys
+    ``deletion``, ``insertion`` (random ties), ``deletion_pessimistic``, ``insertion_pessimistic``.
+
+    The pessimistic curves are evaluated only at the steps where they differ
+    from the random ones (none, for a map without ties).
+    """
+    counts = _step_counts(saliency.size, n_steps)
+    moved = {ties: _moved(saliency, counts, ties) for ties in TIES}
+    deletion, insertion = _curves(model, x, target, moved["random"])
+    differ = np.flatnonzero((moved["random"] != moved["pessimistic"]).any(axis=(1, 2)))
+    worst_deletion, worst_insertion = deletion.copy(), insertion.copy()
+    if differ.size:
+        worst_deletion[differ], worst_insertion[differ] = _curves(model, x, target, moved["pessimistic"][differ])
+    return {"deletion": curve_auc(deletion), "insertion": curve_auc(insertion),
+            "deletion_pessimistic": curve_auc(worst_deletion), "insertion_pessimistic": curve_auc(worst_insertion)}
 
 
 def curve_auc(curve: np.ndarray) -> float:
@@ -175,15 +250,18 @@ def curve_auc(curve: np.ndarray) -> float:
 # --------------------------------------------------------------------------- methods
 
 class Case(NamedTuple):
-    """One scene to explain: uint8 H×W×3 ``image``, its normalized 1×3×H×W ``x``, the explained
-    class ``target``, its bool H×W object ``mask`` and its ``scene_id`` (the random seed
-    :func:`deepexplain_scenes.make_scene` draws it from; per-scene random choices are seeded with it too)."""
+    """One scene or photo to explain: uint8 H×W×3 ``image``, its normalized 1×3×h×w ``x``, the
+    explained class ``target``, its bool h×w object ``mask`` (None for a photo: no ground truth) and
+    its ``scene_id`` (a scene: the random seed :func:`deepexplain_scenes.make_scene` draws it from; a
+    photo: its row in the folder's list; per-case random choices are seeded with it) and ``name``
+    (a photo's file name)."""
 
     image: np.ndarray
     x: torch.Tensor
     target: int
-    mask: np.ndarray
+    mask: np.ndarray | None
     scene_id: int
+    name: str = ""
 
 
 def center_gaussian(shape: tuple[int, int], sigma: float = 0.25) -> np.ndarray:
@@ -226,6 +304,42 @@ def meaningful_perturbation(model: nn.Module, x: torch.Tensor, target: int, *, s
     return (1 - m)[0, 0].cpu().numpy()
 
 
+#: RISE's default number of random masks (the paper used 4000 for ResNet50; fewer is noisier, faster).
+RISE_MASKS = 1000
+
+
+@torch.no_grad()
+def rise(model: nn.Module, x: torch.Tensor, target: int, *, n_masks: int = RISE_MASKS, grid: int = 7,
+         keep: float = 0.5, batch_size: int = 50, seed: int = 0) -> np.ndarray:
+    """RISE (Petsiuk, Das & Saenko 2018, "RISE: Randomized Input Sampling for Explanation of Black-box
+    Models", BMVC): an H×W map ≥ 0, the mask-weighted mean of the target probability.
+
+    Each of ``n_masks`` masks keeps each cell of a ``grid``×``grid`` binary grid
+    with probability ``keep``, is upsampled bilinearly to (grid + 1) cells of
+    ⌈H/grid⌉×⌈W/grid⌉ px and cropped at a random shift (smooth masks, not aligned
+    to the grid); masked pixels of the normalized ``x`` (1×3×H×W) are set to 0,
+    the mean colour. Map = Σ p(target | x⊙M)·M / (``n_masks``·``keep``).
+    Seeded by ``seed``; the global RNG is left alone.
+    """
+    if int(n_masks) != n_masks or n_masks < 1 or not 0 < keep < 1:
+        raise ValueError(f"RISE needs n_masks ≥ 1 and 0 < keep < 1, got {n_masks} and {keep}")
+    h, w = x.shape[-2:]
+    cell_h, cell_w = -(-h // grid), -(-w // grid)
+    rng = torch.Generator().manual_seed(seed)
+    total = torch.zeros(h, w, dtype=torch.float64)
+    with de.frozen(model):
+        for start in range(0, n_masks, batch_size):
+            b = min(batch_size, n_masks - start)
+            cells = (torch.rand(b, 1, grid, grid, generator=rng) < keep).float()
+            up = nn.functional.interpolate(cells, size=((grid + 1) * cell_h, (grid + 1) * cell_w),
+                                           mode="bilinear", align_corners=False)
+            dy, dx = torch.randint(cell_h, (b,), generator=rng), torch.randint(cell_w, (b,), generator=rng)
+            masks = torch.stack([up[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)]).to(x.device)
+            probs = de.class_probabilities(model, x * masks)[:, target]
+            total += (probs[:, None, None] * masks[:, 0]).sum(0).double().cpu()
+    return (total / (n_masks * keep)).numpy()
+
+
 def gradcam_layer(model: nn.Module) -> nn.Module:
     """The layer Grad-CAM reads: the last module of ``model.features`` (torchvision style),
     else the model's last Conv2d."""
@@ -244,11 +358,11 @@ def _pixel_map(attribution: torch.Tensor) -> np.ndarray:
 
 
 def _random(loaded, case: Case, steps) -> dict[str, np.ndarray]:
-    return {"random": np.random.default_rng(case.scene_id).random(case.mask.shape)}
+    return {"random": np.random.default_rng(case.scene_id).random(tuple(case.x.shape[-2:]))}
 
 
 def _center(loaded, case: Case, steps) -> dict[str, np.ndarray]:
-    return {"center": center_gaussian(case.mask.shape)}
+    return {"center": center_gaussian(tuple(case.x.shape[-2:]))}
 
 
 def _saliency(loaded: de.LoadedModel, case: Case, steps) -> dict[str, np.ndarray]:
@@ -281,6 +395,12 @@ def _fong_vedaldi(loaded: de.LoadedModel, case: Case, steps) -> dict[str, np.nda
                                                     **({} if steps is None else {"steps": steps}))}
 
 
+def _rise(loaded: de.LoadedModel, case: Case, steps) -> dict[str, np.ndarray]:
+    """RISE with :data:`RISE_MASKS` masks (``steps``, when given, is the number of masks), seeded by the case."""
+    return {"rise": rise(loaded.model, case.x, case.target, seed=case.scene_id,
+                         **({} if steps is None else {"n_masks": steps}))}
+
+
 #: deepexplain's post-processing variants of the seed preset: name → the settings they change.
 OURS_VARIANTS: Mapping[str, dict] = {
     "ours-seed": {},
@@ -308,6 +428,23 @@ def _ours_masked(loaded: de.LoadedModel, case: Case, steps) -> dict[str, np.ndar
     return {"ours-masked": _explain_case(loaded, case, "masked", steps).saliency}
 
 
+#: Post-processing variants of the masked preset (one optimization, several maps): name → settings changed.
+#: (Deletion and insertion depend only on the pixels' order, which a power keeps, up to ties from underflow.)
+MASKED_VARIANTS: Mapping[str, dict] = {
+    "ours-masked": {},
+    "ours-masked-s16-p1": dict(power=1),
+    "ours-masked-s8-p4": dict(smoothing=8.0),
+    "ours-masked-s4-p4": dict(smoothing=4.0),
+    "ours-masked-s0-p1": dict(smoothing=0.0, power=1),
+}
+
+
+def _ours_masked_variants(loaded: de.LoadedModel, case: Case, steps) -> dict[str, np.ndarray]:
+    """The masked preset's map and its post-processing variants (:data:`MASKED_VARIANTS`) from one optimization."""
+    result = _explain_case(loaded, case, "masked", steps)
+    return {name: de.with_postprocessing(result, **options).saliency for name, options in MASKED_VARIANTS.items()}
+
+
 def _explain_case(loaded: de.LoadedModel, case: Case, preset: str, steps: int | None) -> de.Explanation:
     """``case`` explained by deepexplain with ``preset`` (generator seed 0); ``steps`` None keeps the preset's."""
     return de.explain(case.image, loaded, preset=preset, target=case.target, verbose=False,
@@ -319,8 +456,13 @@ def _explain_case(loaded: de.LoadedModel, case: Case, preset: str, steps: int | 
 METHODS: Mapping[str, Callable[[de.LoadedModel, Case, int | None], dict[str, np.ndarray]]] = {
     "random": _random, "center": _center, "saliency": _saliency,
     "integrated-gradients": _integrated_gradients, "occlusion": _occlusion, "grad-cam": _gradcam,
-    "fong-vedaldi": _fong_vedaldi, "ours": _ours, "ours-fast": _ours_fast, "ours-masked": _ours_masked,
+    "fong-vedaldi": _fong_vedaldi, "rise": _rise, "ours": _ours, "ours-fast": _ours_fast, "ours-masked": _ours_masked,
+    "ours-masked-variants": _ours_masked_variants,
 }
+
+
+#: The methods :func:`evaluate` runs by default: all but the masked preset's post-processing variants.
+SCENE_METHODS = tuple(m for m in METHODS if m != "ours-masked-variants")
 
 
 def run_methods(loaded: de.LoadedModel, case: Case, methods: Sequence[str],
@@ -436,6 +578,63 @@ def scene_cases(loaded: de.LoadedModel, scene_ids: Sequence[int], marks: str | N
     return cases
 
 
+#: Photos: how a folder is split (by row of its list): tuning uses the even rows, the report the odd ones.
+SPLITS = ("all", "even", "odd")
+TUNING_SPLIT, REPORT_SPLIT = "even", "odd"
+#: Image files a folder of photos may hold (when it has no labels.csv).
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+#: Metrics of a photo (no ground truth): faithfulness under both tie orders (:func:`faithfulness_scores`).
+PHOTO_METRICS = ("deletion", "insertion", "deletion_pessimistic", "insertion_pessimistic")
+#: The methods a photo evaluation runs by default (``ours``, the seed preset's 1000 steps, is left out).
+PHOTO_METHODS = ("random", "center", "saliency", "integrated-gradients", "occlusion", "grad-cam", "rise",
+                 "fong-vedaldi", "ours-fast", "ours-masked")
+
+
+def photo_files(folder: str | os.PathLike) -> list[str]:
+    """The photos of ``folder``, in order: the ``file`` column of its labels.csv when it has one, else
+    its image files sorted by name. A photo's row in this list is its id."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"not a folder of photos: {folder}")
+    listing = folder / "labels.csv"
+    if listing.is_file():
+        with open(listing, newline="") as f:
+            reader = csv.DictReader(f)
+            if "file" not in (reader.fieldnames or ()):
+                raise ValueError(f"{listing} has no 'file' column")
+            files = [row["file"] for row in reader]
+    else:
+        files = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
+    if not files:
+        raise ValueError(f"no photos in {folder} (looked for {', '.join(PHOTO_SUFFIXES)})")
+    return files
+
+
+def photo_cases(loaded: de.LoadedModel, folder: str | os.PathLike, *, split: str = "all", first: int = 0,
+                limit: int | None = None) -> list[Case]:
+    """Photos of ``folder`` (:func:`photo_files`) prepared for ``loaded``: those of ``split``
+    (:data:`SPLITS`: all rows, the even rows or the odd ones), skipping the ``first`` of them, at most
+    ``limit``. Each Case's ``scene_id`` is the photo's row, its target the model's top class, its mask None.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    for name, value in (("first", first), ("limit", 1 if limit is None else limit)):
+        if int(value) != value or value < (0 if name == "first" else 1):
+            raise ValueError(f"{name} must be a whole number ≥ {0 if name == 'first' else 1}, got {value}")
+    rows = [(i, f) for i, f in enumerate(photo_files(folder))
+            if split == "all" or i % 2 == (0 if split == "even" else 1)]
+    rows = rows[first:][:limit]
+    if not rows:
+        raise ValueError(f"no photo left in {folder} for split {split!r} after skipping {first}")
+    cases = []
+    for row, name in rows:
+        image = de.load_image(Path(folder) / name)
+        x = loaded.preprocessing(image, device=loaded.device)
+        target = int(de.class_probabilities(loaded.model, x).argmax())
+        cases.append(Case(image, x, target, None, row, name))
+    return cases
+
+
 def score_map(model: nn.Module, case: Case, saliency: np.ndarray) -> dict[str, float]:
     """Every metric of :data:`METRICS` for one H×W map of ``case`` (hits as 0.0 / 1.0)."""
     deletion, insertion = deletion_insertion_curves(model, case.x, case.target, saliency)
@@ -492,13 +691,13 @@ def evaluate(n_scenes: int = 100, model: str | nn.Module | de.LoadedModel = "sha
              progress: bool = True) -> EvaluationResult:
     """Explain scenes ``first_scene_id`` … ``first_scene_id + n_scenes − 1`` with every method and score every map.
 
-    ``methods``: names from :data:`METHODS` (default: all). The first
+    ``methods``: names from :data:`METHODS` (default :data:`SCENE_METHODS`). The first
     ``sanity_scenes`` scenes also go through the randomization sanity check,
     and ``shortcut_scenes`` scenes with their class's tag are explained for the
     planted-shortcut model (0 skips either part). ``steps`` overrides the
     optimizing methods' step counts (for quick runs; None = their defaults).
     """
-    methods = list(METHODS) if methods is None else list(methods)
+    methods = list(SCENE_METHODS) if methods is None else list(methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s): {', '.join(unknown)} (known: {', '.join(METHODS)})")
@@ -528,6 +727,46 @@ def evaluate(n_scenes: int = 100, model: str | nn.Module | de.LoadedModel = "sha
     return result
 
 
+def evaluate_photos(folder: str | os.PathLike, model: str | nn.Module | de.LoadedModel = "mobilenet_v2",
+                    methods: Sequence[str] | None = None, *, weights_path: str | os.PathLike | None = None,
+                    split: str = "all", first: int = 0, limit: int | None = None, steps: int | None = None,
+                    sanity_images: int = 2, curve_steps: int = 50, device: str | None = None,
+                    progress: bool = True) -> EvaluationResult:
+    """Explain real photos of ``folder`` (:func:`photo_cases`) for a real classifier and score each map's
+    faithfulness (:func:`faithfulness_scores`: deletion and insertion AUC, random and pessimistic ties).
+
+    ``model``/``weights_path`` as for :func:`deepexplain.load_model` (a named
+    torchvision model gets its weights' resize + center crop). ``methods``:
+    names from :data:`METHODS` (default :data:`PHOTO_METHODS`). The first
+    ``sanity_images`` photos also go through the randomization sanity check.
+    No map or photo is kept: the result holds numbers only.
+    """
+    methods = list(PHOTO_METHODS) if methods is None else list(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s): {', '.join(unknown)} (known: {', '.join(METHODS)})")
+    if int(sanity_images) != sanity_images or sanity_images < 0:
+        raise ValueError(f"sanity_images must be a whole number ≥ 0, got {sanity_images}")
+    loaded = de.load_model(model, device=device, weights_path=weights_path)
+    cases = photo_cases(loaded, folder, split=split, first=first, limit=limit)
+    scores, kept = [], []
+    for case in tqdm(cases, desc="photos", disable=not progress):
+        maps, seconds = run_methods(loaded, case, methods, steps)
+        scores += [{"scene_id": case.scene_id, "file": case.name, "method": name, "target": case.target,
+                    **faithfulness_scores(loaded.model, case.x, case.target, saliency, curve_steps),
+                    "seconds": seconds[name]} for name, saliency in maps.items()]
+        if len(kept) < sanity_images:
+            kept.append(maps)
+    result = EvaluationResult(scores, settings={
+        "kind": "photos", "folder": Path(folder).name, "split": split, "first": first, "limit": limit,
+        "n_photos": len(cases), "model": loaded.name, "preprocessing": loaded.preprocessing.describe(),
+        "methods": methods, "steps": steps, "curve_steps": curve_steps, "device": str(loaded.device),
+        "threads": torch.get_num_threads(), "machine": machine_name(loaded.device)})
+    if sanity_images:
+        result.sanity = _sanity_scores(loaded, cases[:sanity_images], kept, methods, steps, progress)
+    return result
+
+
 # --------------------------------------------------------------------------- report
 
 #: Possible range of each scored value (default [0, 1]), to clip confidence intervals to.
@@ -547,11 +786,11 @@ def _summary_rows(rows: list[dict], keys: Sequence[str], group: str = "method") 
     return out
 
 
-def _fmt(row: dict, key: str) -> str:
+def _fmt(row: dict, key: str, digits: int = 2) -> str:
     mean, low, high = row[key], row[f"{key}_low"], row[f"{key}_high"]
     if np.isnan(mean):
         return "n/a"
-    return f"{mean:.2f}" if np.isnan(low) else f"{mean:.2f} [{low:.2f}, {high:.2f}]"
+    return f"{mean:.{digits}f}" if np.isnan(low) else f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
 def _markdown_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
@@ -566,6 +805,20 @@ def main_table(result: EvaluationResult) -> str:
               "insertion AUC ↑", "s / explanation"]
     return _markdown_table(header, [[r["method"], *(_fmt(r, k) for k in METRICS), f"{r['seconds']:.2f}"]
                                     for r in summary])
+
+
+#: Column headers of the photo metrics.
+_PHOTO_HEADERS = {"deletion": "deletion AUC ↓", "insertion": "insertion AUC ↑",
+                  "deletion_pessimistic": "deletion AUC ↓ (pessimistic ties)",
+                  "insertion_pessimistic": "insertion AUC ↑ (pessimistic ties)", "seconds": "s / photo"}
+
+
+def photo_table(result: EvaluationResult) -> str:
+    """Markdown for a photo evaluation: methods × :data:`PHOTO_METRICS`, mean [95% CI], and seconds."""
+    summary = _summary_rows(result.scores, (*PHOTO_METRICS, "seconds"))
+    return _markdown_table(["method", "n", *(_PHOTO_HEADERS[k] for k in (*PHOTO_METRICS, "seconds"))],
+                           [[r["method"], r["n"], *(_fmt(r, k, 3) for k in PHOTO_METRICS), f"{r['seconds']:.2f}"]
+                            for r in summary])
 
 
 def sanity_table(result: EvaluationResult) -> str:
@@ -608,29 +861,62 @@ def paired_differences(scores: Sequence[dict], method: str, baseline: str,
     return out
 
 
-def comparison_table(scores: Sequence[dict], method: str, baselines: Sequence[str]) -> str:
-    """Markdown: ``method`` − each baseline, paired per scene, mean [95% CI] of every metric
-    (positive is better for pointing, center of mass, energy, insertion; negative for deletion, seconds)."""
-    header = ["difference", "pointing", "center-of-mass hit", "energy in mask", "deletion AUC", "insertion AUC",
-              "s / explanation"]
+def comparison_table(scores: Sequence[dict], method: str, baselines: Sequence[str], *,
+                     photos: bool = False) -> str:
+    """Markdown: ``method`` − each baseline, paired per scene (or photo), mean [95% CI] of every metric
+    (positive is better for pointing, center of mass, energy, insertion; negative for deletion, seconds).
+    ``photos``: the photo metrics (:data:`PHOTO_METRICS`), with 3 decimals and the number of pairs."""
+    keys = (*(PHOTO_METRICS if photos else METRICS), "seconds")
+    header = ["difference", *(["pairs"] if photos else []),
+              *([_PHOTO_HEADERS[k].replace(" ↓", "").replace(" ↑", "") for k in keys] if photos else
+                ["pointing", "center-of-mass hit", "energy in mask", "deletion AUC", "insertion AUC",
+                 "s / explanation"])]
+    digits = 3 if photos else 2
     lines = []
     for baseline in baselines:
-        diffs = paired_differences(scores, method, baseline)
-        lines.append([f"{method} − {baseline}",
-                      *(f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]" for m, lo, hi in diffs.values())])
+        diffs = paired_differences(scores, method, baseline, keys)
+        pairs = len({r["scene_id"] for r in scores if r["method"] == method}
+                    & {r["scene_id"] for r in scores if r["method"] == baseline})
+        lines.append([f"{method} − {baseline}", *([pairs] if photos else []),
+                      *(f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]" for m, lo, hi in diffs.values())])
     return _markdown_table(header, lines)
 
 
 def read_scores(folder: str | Path) -> list[dict]:
     """The per-scene scores a report folder's scores.csv holds (:func:`write_report`), numbers as numbers."""
     with open(Path(folder) / "scores.csv", newline="") as f:
-        return [{k: v if k == "method" else (int(v) if k in ("scene_id", "target") else float(v)) for k, v in r.items()}
-                for r in csv.DictReader(f)]
+        return [{k: v if k in ("method", "file") else (int(v) if k in ("scene_id", "target") else float(v))
+                 for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def photo_report_markdown(result: EvaluationResult, command: str = "") -> str:
+    """The report of :func:`evaluate_photos`: settings, the faithfulness table, the sanity check."""
+    s = result.settings
+    steps = "their default step counts" if s["steps"] is None else f"{s['steps']} steps"
+    split = {"all": "every photo", "even": "the even rows (tuning split)", "odd": "the odd rows (report split)"}
+    parts = [f"## deepexplain evaluation on photos\n\n{s['n_photos']} photos of `{s['folder']}` "
+             f"({split[s['split']]}, skipping the first {s['first']}), model `{s['model']}`, input: "
+             f"{s['preprocessing']}; target = the model's top class; {s['device']} ({s['threads']} threads, "
+             f"{s['machine']}); optimizing methods at {steps}."
+             + (f"\n\nReproduce: `{command}`" if command else ""),
+             f"### Faithfulness\n\nDeletion and insertion AUC (Petsiuk et al. 2018; {s['curve_steps']} steps, "
+             "removed pixels replaced by a blurred copy), mean [95% Student-t CI]. Random ties: pixels of "
+             "equal saliency in a seeded random order; pessimistic ties: a group of tied pixels moves only "
+             "once all of it fits (a flat map cannot win by luck; equal to random for a map without ties).\n\n"
+             + photo_table(result)]
+    if result.sanity:
+        n = len({r["scene_id"] for r in result.sanity})
+        parts.append(f"### Sanity check: model-parameter randomization ({n} photos)\n\nSpearman rank "
+                     "correlation between the map for the trained model and for a copy with its top layers "
+                     "re-initialised; near 1 means the map does not depend on the model.\n\n" + sanity_table(result))
+    return "\n\n".join(parts) + "\n"
 
 
 def report_markdown(result: EvaluationResult, command: str = "") -> str:
     """The whole report: settings, main table, sanity check and shortcut tables, as Markdown."""
     s = result.settings
+    if s.get("kind") == "photos":
+        return photo_report_markdown(result, command)
     steps = "their default step counts" if s["steps"] is None else f"{s['steps']} steps"
     parts = [f"## deepexplain evaluation\n\n{s['n_scenes']} scenes (scene ids {s['first_scene_id']}…), model "
              f"`{s['model']}`, {s['device']} ({s['threads']} threads, {s['machine']}); "
@@ -701,22 +987,27 @@ def _csv_bytes(rows: list[dict]) -> bytes:
 
 def write_report(result: EvaluationResult, out_dir: str | Path, command: str = "") -> list[Path]:
     """Write evaluation.md, evaluation.csv (summary), scores.csv (per scene and map), sanity.csv,
-    shortcut.csv and evaluation_grid.jpg into ``out_dir``, each whole or not at all."""
+    shortcut.csv and evaluation_grid.jpg into ``out_dir``, each whole or not at all. A photo
+    evaluation writes numbers only: no grid (it would show the photos) and no shortcut.csv."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    photos = result.settings.get("kind") == "photos"
     files = {
         "evaluation.md": report_markdown(result, command).encode(),
-        "evaluation.csv": _csv_bytes(_summary_rows(result.scores, (*METRICS, "seconds"))),
+        "evaluation.csv": _csv_bytes(_summary_rows(result.scores, (*(PHOTO_METRICS if photos else METRICS),
+                                                                   "seconds"))),
         "scores.csv": _csv_bytes(result.scores),
         "sanity.csv": _csv_bytes(result.sanity),
-        "shortcut.csv": _csv_bytes(result.shortcut),
+        **({} if photos else {"shortcut.csv": _csv_bytes(result.shortcut)}),
     }
-    fig = plot_examples(result)
+    fig = None if photos or not result.examples else plot_examples(result)
     writers = {out_dir / name: (lambda f, data=data: f.write(data)) for name, data in files.items()}
-    writers[out_dir / "evaluation_grid.jpg"] = lambda f: fig.savefig(f, format="jpeg", dpi=110,
-                                                                    pil_kwargs={"quality": 85})
+    if fig is not None:
+        writers[out_dir / "evaluation_grid.jpg"] = lambda f: fig.savefig(f, format="jpeg", dpi=110,
+                                                                        pil_kwargs={"quality": 85})
     try:
         write_atomically(writers)
     finally:
-        plt.close(fig)
+        if fig is not None:
+            plt.close(fig)
     return list(writers)

@@ -137,7 +137,7 @@ def test_every_method_gives_finite_maps_of_the_image_size(shapes_case):
     loaded, case = shapes_case
     maps, seconds = ev.run_methods(loaded, case, list(ev.METHODS), steps=3)
     assert set(maps) >= {"random", "center", "saliency", "integrated-gradients", "occlusion", "grad-cam",
-                         "fong-vedaldi", *ev.OURS_VARIANTS, "ours-fast", "ours-masked"}
+                         "fong-vedaldi", "rise", *ev.OURS_VARIANTS, "ours-fast", *ev.MASKED_VARIANTS}
     for name, saliency in maps.items():
         assert saliency.shape == (224, 224), name
         assert np.isfinite(saliency).all() and saliency.min() >= 0, name
@@ -202,7 +202,7 @@ def test_shortcut_model_relies_on_the_tag():
 def test_evaluate_writes_every_table(tmp_path):
     result = ev.evaluate(n_scenes=2, steps=3, sanity_scenes=1, shortcut_scenes=1, accuracy_scenes=20,
                          n_examples=2, progress=False)
-    n_maps = len(ev.METHODS) - 1 + len(ev.OURS_VARIANTS)
+    n_maps = len(ev.SCENE_METHODS) - 1 + len(ev.OURS_VARIANTS)
     assert len(result.scores) == 2 * n_maps
     paths = ev.write_report(result, tmp_path, command="python deepexplain.py evaluate")
     assert sorted(p.name for p in paths) == sorted(p.name for p in tmp_path.iterdir())
