@@ -404,6 +404,12 @@ class AuditSummary:
         """Images explained per hour of this run's wall time (0 when nothing was explained)."""
         return self.explained * 3600 / self.seconds if self.explained and self.seconds > 0 else 0.0
 
+    def class_lines(self) -> list[str]:
+        """One line per explained class: its image count and border ratio (the shortcut flag statistic)."""
+        return [f"  {label}: {c['images']} images, border ratio {c['border_ratio']:.2f}"
+                if c["border_ratio"] is not None else f"  {label}: {c['images']} images, all maps zero"
+                for label, c in self.classes.items()]
+
     def line(self) -> str:
         """The one-line summary printed at the end."""
         return (f"audit: {self.explained} images explained, {self.skipped} skipped as done, {self.errors} errors, "

@@ -80,7 +80,7 @@ def _audit(args: argparse.Namespace) -> None:
     values = {name: getattr(args, name) for name in de.SETTINGS}
     summary = audit.audit(args.source, args.out, model=args.model, weights=args.weights, preset=args.preset,
                           batch=args.batch, limit=args.limit, resume=args.resume, device=args.device, **values)
-    print(summary.line())
+    print("\n".join([*summary.class_lines(), summary.line()]))
 
 
 def _explain_parser(commands) -> None:

@@ -295,6 +295,8 @@ def test_the_cli_audit_of_a_folder_fills_correct_from_imagefolder_labels(tmp_pat
     out = tmp_path / "out"
     assert cli.main(["audit", str(source), "--model", "shapes", "--out", str(out), "--limit", "1",
                      *QUICK_ARGS]) == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("audit: 1 images explained, 0 skipped")
+    lines = capsys.readouterr().out.rstrip().splitlines()
+    assert lines[-1].startswith("audit: 1 images explained, 0 skipped as done, 0 errors, ")
     rows = table(out / "audit.csv")
+    assert lines[-2] == f"  {rows[0]['target_label']}: 1 images, border ratio " + lines[-2].rsplit(" ", 1)[1]
     assert len(rows) == 1 and rows[0]["correct"] == str(int(rows[0]["predicted_label"] == rows[0]["true_label"]))
