@@ -5,7 +5,8 @@ Commands, each a function registered on its subparser with ``set_defaults(func=.
 * ``explain IMAGE``: explain an image's top class and write the map, a figure and a JSON summary;
 * ``train``: train the embedded shapes model (or the planted-shortcut one);
 * ``evaluate``: score every explanation method on the embedded scenes (:mod:`deepexplain_eval`);
-* ``bench``: time the seed preset against the fast configuration (:mod:`deepexplain_bench`).
+* ``bench``: time the seed preset against the fast configuration (:mod:`deepexplain_bench`);
+* ``audit SOURCE``: explain every image of a folder (or embedded scenes) resumably (:mod:`deepexplain_audit`).
 
 Every setting of :data:`deepexplain.SETTINGS` is an ``explain`` option, with its
 type, allowed values, help and each preset's value taken from its declaration.
@@ -25,7 +26,7 @@ from deepexplain_io import Terminated, sigterm_raises
 
 # The project's modules import torch, which takes seconds: they are imported inside main(), after the signal
 # handlers are set, so that a Ctrl-C or SIGTERM during start-up ends with one line too.
-de = bench = ev = scenes = None
+de = audit = bench = ev = scenes = None
 
 __all__ = ["parser", "main"]
 
@@ -91,6 +92,13 @@ def _bench(args: argparse.Namespace) -> None:
     print(bench.benchmark(args.model, args.images, args.batch, args.quick, args.device, args.weights)[2])
 
 
+def _audit(args: argparse.Namespace) -> None:
+    values = {name: getattr(args, name) for name in de.SETTINGS}
+    summary = audit.audit(args.source, args.out, model=args.model, weights=args.weights, preset=args.preset,
+                          batch=args.batch, limit=args.limit, resume=args.resume, device=args.device, **values)
+    print("\n".join([*summary.class_lines(), summary.line()]))
+
+
 def _explain_parser(commands) -> None:
     ex = commands.add_parser(
         "explain", help="explain an image's top class and write the results",
@@ -109,6 +117,28 @@ def _explain_parser(commands) -> None:
     ex.add_argument("--out", type=Path, default=Path("results"), help="output folder (default results/)")
     _add_settings(ex)
     ex.set_defaults(func=_explain)
+
+
+def _audit_parser(commands) -> None:
+    au = commands.add_parser(
+        "audit", help="explain every image of a folder or of embedded scenes, resumably",
+        description="Explain every image of SOURCE in batches into --out: audit.csv (one row per image), "
+                    "errors.csv, the maps (batches/*.npz), class_means.npz, settings.json and summary.json. "
+                    "A run stopped at any moment loses at most the batch in flight; --resume continues it.")
+    au.add_argument("source", help="a folder of images (searched recursively; one sub-folder per class gives "
+                                   "the true labels), or scenes:N / shortcut:N (embedded scenes)")
+    au.add_argument("--model", help="auto (default), vgg19, shapes or a torchvision model name; embedded "
+                                    "sources use their own model")
+    au.add_argument("--weights", type=Path, help="a local state_dict file for the model's architecture")
+    au.add_argument("--out", type=Path, required=True, help="output folder")
+    au.add_argument("--preset", choices=list(de.PRESET_BASES),
+                    help=f"a named set of values for every setting (default {de.DEFAULT_PRESET})")
+    au.add_argument("--batch", type=int, default=16, help="images per explain_batch call (default 16)")
+    au.add_argument("--limit", type=int, help="audit only the first N images of the source")
+    au.add_argument("--resume", action="store_true", help="continue the audit in --out, skipping done images")
+    au.add_argument("--device", choices=DEVICES, help="default: cuda when available")
+    _add_settings(au)
+    au.set_defaults(func=_audit)
 
 
 def _train_parser(commands) -> None:
@@ -170,15 +200,16 @@ def parser() -> argparse.ArgumentParser:
     _import_modules()
     top = _Parser(prog="deepexplain.py", description=de.__doc__.split("\n\n")[0])
     commands = top.add_subparsers(dest="command", required=True)
-    for add in (_explain_parser, _train_parser, _evaluate_parser, _bench_parser):
+    for add in (_explain_parser, _train_parser, _evaluate_parser, _bench_parser, _audit_parser):
         add(commands)
     return top
 
 
 def _import_modules() -> None:
     """Import the project's modules (and torch) into this module's globals."""
-    global de, bench, ev, scenes
+    global de, audit, bench, ev, scenes
     import deepexplain as de
+    import deepexplain_audit as audit
     import deepexplain_bench as bench
     import deepexplain_eval as ev
     import deepexplain_scenes as scenes

@@ -1,0 +1,500 @@
+"""Audit a model on a whole dataset: explain every image, resumably, and show where the model looks per class.
+
+``python deepexplain.py audit SOURCE --out DIR`` (or :func:`audit`) explains every image of ``SOURCE`` with
+:func:`deepexplain.explain_batch`, one call per batch, and writes into ``DIR``:
+
+* ``settings.json``: the run's model, weights file, preset, batch size, source and every setting
+  (``Settings.as_dict()``), strict JSON; a resume with other settings is refused;
+* ``batches/NNNNN.csv``, ``batches/NNNNN.errors.csv`` and ``batches/NNNNN.npz``: one batch's table rows, the
+  images of the batch that could not be explained (with the reason) and its maps — a float16 array ``maps``
+  (N×H×W, the map of each explained image, H×W the model's input size) and ``keys`` (N strings, the rows'
+  ``path``) — all three written together by :func:`deepexplain_io.write_atomically`;
+* ``audit.csv`` (:data:`COLUMNS`, one row per explained image, in source order) and ``errors.csv`` (``path``,
+  ``reason``): the batch files merged, rewritten whole at the end of every run;
+* ``class_means.npz``: per explained class, the mean of the images' maps, each normalized to sum 1 (an array per
+  class label, H×W float32, image coordinates: the model sees the whole image resized, so a fraction of the map's
+  height or width is the same fraction of the image's), and ``summary.json``: the run's counts and, per class,
+  the shortcut flag statistic (:func:`border_ratio`).
+
+``SOURCE`` is a folder searched recursively for image files (:data:`IMAGE_SUFFIXES`; other files and hidden
+ones are ignored; a file with an image suffix that cannot be read is an error, listed, never fatal). When the
+folder holds no image directly but sub-folders (torchvision's ImageFolder layout), the sub-folder's name is each
+image's true label, matched against the model's labels (case, spaces and underscores ignored) to fill
+``correct``. ``scenes:N`` and ``shortcut:N`` are N embedded scenes from :data:`deepexplain_eval.FIRST_SCENE_ID`
+up, without and with the planted tag, explained with the embedded model and the planted-shortcut model.
+
+Resuming and crash-safety: an image is done when its row (or error) is in a batch file; a batch's files appear
+together or not at all, so a run killed at any moment (Ctrl-C, SIGTERM, a crash) loses at most the batch in
+flight and leaves no half-written file. ``--resume`` explains only the images not done yet, in new batch files,
+and the merged table is in source order, so it equals an uninterrupted run's (up to the ``seconds`` column).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+import deepexplain as de
+import deepexplain_eval as ev
+import deepexplain_scenes as scenes
+from deepexplain_io import write_atomically
+
+__all__ = [
+    "IMAGE_SUFFIXES", "GRID", "BORDER", "COLUMNS", "ERROR_COLUMNS", "EMBEDDED_SOURCES", "Item", "discover",
+    "border_region", "map_statistics", "border_ratio", "audit_settings", "AuditSummary", "audit", "read_table", "read_maps",
+    "class_means",
+]
+
+#: File suffixes (lower case) searched for in a folder; other files are ignored.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp")
+#: The map's share is reported in each cell of a GRID×GRID grid ...
+GRID = 4
+#: ... and on the image's border, this fraction of the rows and columns on every side.
+BORDER = 0.1
+#: Embedded sources: ``KIND:N`` → (the scenes' tag marks, the model's weights file).
+EMBEDDED_SOURCES = {"scenes": (None, scenes.WEIGHTS_PATH), "shortcut": ("match", scenes.SHORTCUT_WEIGHTS_PATH)}
+#: The columns of audit.csv, in order. Scores and probabilities in [0, 1]; ``com_row``/``com_col``: the map's
+#: center of mass as a fraction of the height/width ((pixel + 0.5) / side, in (0, 1)); ``cell_R_C``: the map's
+#: share in grid cell row R, column C; ``border``: its share in the outer 10%; empty for an all-zero map.
+COLUMNS = ("path", "true_label", "predicted", "predicted_label", "predicted_probability", "correct", "target",
+           "target_label", "original_score", "perturbed_score", "steps_run", "seconds", "com_row", "com_col",
+           *(f"cell_{r}_{c}" for r in range(GRID) for c in range(GRID)), "border")
+#: The columns of errors.csv.
+ERROR_COLUMNS = ("path", "reason")
+SETTINGS_FILE, TABLE_FILE, ERRORS_FILE, MEANS_FILE, SUMMARY_FILE = (
+    "settings.json", "audit.csv", "errors.csv", "class_means.npz", "summary.json")
+BATCHES = "batches"
+
+
+# --------------------------------------------------------------------------- the source
+
+@dataclass(frozen=True)
+class Item:
+    """One image to audit: ``key`` is its table ``path`` (relative to the source folder, with ``/``, or
+    ``scenes:ID``/``shortcut:ID``); ``true_label`` is None when unknown; ``file`` or ``scene_id`` says where
+    its pixels come from, ``marks`` which tag a scene carries."""
+
+    key: str
+    true_label: str | None = None
+    file: Path | None = None
+    scene_id: int | None = None
+    marks: str | None = None
+
+    def image(self) -> np.ndarray:
+        """The RGB uint8 H×W×3 image (ValueError/OSError when the file is not a readable image)."""
+        if self.file is not None:
+            return de.read_image(self.file)
+        return scenes.make_scene_with_marks(self.scene_id, self.marks).image
+
+
+def _embedded(source: str) -> tuple[str, int] | None:
+    """``("scenes", N)`` for ``"scenes:N"`` (likewise shortcut), None for anything else."""
+    match = re.fullmatch(r"(\w+):(\d+)", source)
+    if match is None or match.group(1) not in EMBEDDED_SOURCES:
+        return None
+    count = int(match.group(2))
+    if count < 1:
+        raise ValueError(f"source {source!r} asks for no scenes; give {match.group(1)}:N with N ≥ 1")
+    return match.group(1), count
+
+
+def _visible_files(folder: Path) -> Iterator[Path]:
+    """Files under ``folder``, recursively, in sorted order, skipping hidden files and folders."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts):
+            yield path
+
+
+def discover(source: str | Path) -> list[Item]:
+    """The images of ``source`` in a fixed order: a folder's image files (sorted by path), or ``scenes:N``
+    / ``shortcut:N`` (scene ids from ``FIRST_SCENE_ID``, true labels known).
+
+    In a folder with no image at its top level, each image's true label is the name of the top sub-folder
+    holding it (ImageFolder layout); otherwise labels are unknown. Raises ValueError for a source that is
+    neither an embedded one nor an existing folder, or a folder without image files.
+    """
+    embedded = _embedded(str(source))
+    if embedded is not None:
+        kind, count = embedded
+        marks = EMBEDDED_SOURCES[kind][0]
+        ids = range(ev.FIRST_SCENE_ID, ev.FIRST_SCENE_ID + count)
+        return [Item(f"{kind}:{i}", scenes.CLASS_NAMES[scenes.drawn_label(i)], scene_id=i, marks=marks)
+                for i in ids]
+    folder = Path(source)
+    if not folder.is_dir():
+        raise ValueError(f"source {str(source)!r} is neither a folder nor scenes:N / shortcut:N")
+    files = [p for p in _visible_files(folder) if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    by_class = all(len(p.relative_to(folder).parts) > 1 for p in files)
+    return [Item(p.relative_to(folder).as_posix(), p.relative_to(folder).parts[0] if by_class else None, file=p)
+            for p in files]
+
+
+def _label_key(name: str) -> str:
+    return re.sub(r"[\s_\-]+", " ", name).strip().lower()
+
+
+def _label_index(true_label: str | None, labels: Sequence[str] | None) -> int | None:
+    """The index of the model label that ``true_label`` names (case, spaces, _ and - ignored), or None."""
+    if true_label is None or labels is None:
+        return None
+    matches = [i for i, label in enumerate(labels) if _label_key(label) == _label_key(true_label)]
+    return matches[0] if matches else None
+
+
+# --------------------------------------------------------------------------- per-map statistics
+
+def _bounds(n: int, parts: int) -> np.ndarray:
+    """``parts + 1`` cut points splitting ``n`` pixels into ``parts`` near-equal ranges."""
+    return np.linspace(0, n, parts + 1).round().astype(int)
+
+
+def border_region(shape: tuple[int, int], border: float = BORDER) -> np.ndarray:
+    """H×W bool mask of the outer ``border`` fraction of rows and columns on every side."""
+    h, w = shape
+    rows, cols = np.arange(h)[:, None], np.arange(w)[None, :]
+    bh, bw = border * h, border * w
+    return (rows < bh) | (rows >= h - bh) | (cols < bw) | (cols >= w - bw)
+
+
+def map_statistics(saliency: np.ndarray) -> dict[str, float | None]:
+    """Where an H×W map (≥ 0) lies: center of mass ``com_row``/``com_col`` as fractions of the height/width,
+    the share (in [0, 1], summing to 1) in each ``cell_R_C`` of a GRID×GRID grid, and the share on the
+    ``border``. All None for an all-zero map."""
+    h, w = saliency.shape
+    names = [c for c in COLUMNS if c.startswith(("com_", "cell_")) or c == "border"]
+    total = float(saliency.sum(dtype=np.float64))
+    if not total > 0:
+        return dict.fromkeys(names)
+    p = saliency.astype(np.float64) / total
+    stats = {"com_row": float((p.sum(axis=1) * (np.arange(h) + 0.5)).sum() / h),
+             "com_col": float((p.sum(axis=0) * (np.arange(w) + 0.5)).sum() / w)}
+    rb, cb = _bounds(h, GRID), _bounds(w, GRID)
+    for r in range(GRID):
+        for c in range(GRID):
+            stats[f"cell_{r}_{c}"] = float(p[rb[r]:rb[r + 1], cb[c]:cb[c + 1]].sum())
+    stats["border"] = float(p[border_region(p.shape)].sum())
+    return stats
+
+
+def border_ratio(mean_map: np.ndarray, border: float = BORDER) -> float:
+    """The shortcut flag statistic of a class: the share of its mean normalized map on the image border
+    (outer ``border`` fraction), divided by the border's share of the image's area — what a map spread
+    evenly over the image would put there (0.36 for 10%). 1: no preference; above 1: the class's maps lean on
+    the border, where labels, watermarks and frames sit; NaN for an all-zero map. The seed and fast presets
+    crop a 10% border off every map, so with them it is 0 by construction: audit with the masked preset."""
+    region = border_region(mean_map.shape, border)
+    total = float(mean_map.sum())
+    if not total > 0:
+        return float("nan")
+    return float(mean_map[region].sum() / total) / float(region.mean())
+
+
+# --------------------------------------------------------------------------- settings
+
+def audit_settings(source: str | Path, loaded: de.LoadedModel, weights: str | Path | None, preset: str | None,
+                   settings: de.Settings, batch: int) -> dict:
+    """The run's identity as a JSON-ready dict: what settings.json holds and a resume must match (the device is not
+    part of it: a resume may run elsewhere). The source
+    is the folder's absolute path, or the embedded kind alone (``scenes``): like ``limit``, the N of
+    ``scenes:N`` may grow on a resume."""
+    embedded = _embedded(str(source))
+    return {"source": embedded[0] if embedded else str(Path(source).resolve()), "model": loaded.name,
+            "weights": None if weights is None else str(Path(weights).resolve()),
+            "preset": preset or de.DEFAULT_PRESET, "batch": batch, "settings": settings.as_dict()}
+
+
+def _differences(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
+    """'name: old → new' for every value that differs between two settings dicts (nested dicts flattened)."""
+    out = []
+    for name in sorted(set(old) | set(new)):
+        a, b = old.get(name), new.get(name)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{name}.")
+        elif a != b:
+            out.append(f"{prefix}{name} {a!r} there, {b!r} now")
+    return out
+
+
+def _check_or_record(out: Path, identity: dict, resume: bool) -> None:
+    """Record ``identity`` in ``out``/settings.json, or, when an audit is there, check that ``resume`` was
+    asked for and that it is the same audit (ValueError naming the differences otherwise)."""
+    path = out / SETTINGS_FILE
+    if not path.exists():
+        if (out / BATCHES).exists():
+            raise ValueError(f"{out} holds batch files but no {SETTINGS_FILE}; use another --out")
+        _write_json(path, identity)
+        return
+    if not resume:
+        raise ValueError(f"{out} already holds an audit; add --resume to continue it, or give another --out")
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read {path} ({err}); use another --out") from None
+    changed = _differences(recorded, identity)
+    if changed:
+        raise ValueError(f"cannot resume the audit in {out} with other settings: {'; '.join(changed[:3])}"
+                         f"{' …' if len(changed) > 3 else ''}")
+
+
+def _write_json(path: Path, value: object) -> None:
+    data = (json.dumps(value, indent=2, allow_nan=False) + "\n").encode()
+    write_atomically({path: lambda f: f.write(data)})
+
+
+# --------------------------------------------------------------------------- batch files
+
+def _csv_bytes(rows: Sequence[Mapping], columns: Sequence[str]) -> bytes:
+    """Rows as CSV bytes with a header (None → empty cell; floats with repr's round-trip precision)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    return buffer.getvalue().encode()
+
+
+def _npz_writer(maps: np.ndarray, keys: Sequence[str]) -> Callable[[BinaryIO], None]:
+    return lambda f: np.savez_compressed(f, maps=maps.astype(np.float16), keys=np.array(keys, dtype=str))
+
+
+def _batch_files(out: Path, number: int) -> tuple[Path, Path, Path]:
+    """Batch ``number``'s rows, errors and maps files."""
+    stem = out / BATCHES / f"{number:05d}"
+    return stem.with_suffix(".csv"), stem.with_suffix(".errors.csv"), stem.with_suffix(".npz")
+
+
+def _write_batch(out: Path, number: int, rows: list[dict], errors: list[dict], maps: np.ndarray) -> None:
+    """Write one batch's three files, all or none."""
+    rows_path, errors_path, maps_path = _batch_files(out, number)
+    tables = {rows_path: _csv_bytes(rows, COLUMNS), errors_path: _csv_bytes(errors, ERROR_COLUMNS)}
+    writers = {path: (lambda f, data=data: f.write(data)) for path, data in tables.items()}
+    writers[maps_path] = _npz_writer(maps, [row["path"] for row in rows])
+    write_atomically(writers)
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _done_batches(out: Path) -> list[int]:
+    """Numbers of the batches whose files are all there (a batch's files appear together)."""
+    return sorted(int(p.name[:5]) for p in (out / BATCHES).glob("[0-9]" * 5 + ".csv"))
+
+
+def read_table(out: str | Path, errors: bool = False) -> list[dict]:
+    """Every row of the batch files in ``out`` (``errors``: the error rows instead), as dicts of strings,
+    in batch order."""
+    out = Path(out)
+    return [row for n in _done_batches(out) for row in _read_csv(_batch_files(out, n)[1 if errors else 0])]
+
+
+def read_maps(out: str | Path) -> dict[str, np.ndarray]:
+    """Every map of the audit in ``out``: table ``path`` → H×W float16 map."""
+    out = Path(out)
+    maps = {}
+    for n in _done_batches(out):
+        with np.load(_batch_files(out, n)[2]) as data:
+            maps.update(zip(data["keys"].tolist(), data["maps"]))
+    return maps
+
+
+# --------------------------------------------------------------------------- explaining
+
+def _row(item: Item, explanation: de.Explanation, labels: Sequence[str] | None) -> dict:
+    """The table row of one explained image (:data:`COLUMNS`)."""
+    top = explanation.predictions[0]
+    truth = _label_index(item.true_label, labels)
+    return {"path": item.key, "true_label": item.true_label, "predicted": top.index, "predicted_label": top.label,
+            "predicted_probability": top.probability, "correct": None if truth is None else int(truth == top.index),
+            "target": explanation.target, "target_label": explanation.label,
+            "original_score": explanation.original_score, "perturbed_score": explanation.perturbed_score,
+            "steps_run": explanation.steps_run, "seconds": round(explanation.seconds, 3),
+            **map_statistics(explanation.saliency)}
+
+
+def _read_images(items: Sequence[Item]) -> tuple[list[Item], list[np.ndarray], list[dict]]:
+    """The batch's readable items and images, and an error row for each unreadable one."""
+    kept, images, errors = [], [], []
+    for item in items:
+        try:
+            images.append(item.image())
+            kept.append(item)
+        except Exception as err:  # noqa: BLE001 — a bad file of any kind must not stop the audit
+            errors.append({"path": item.key, "reason": f"{type(err).__name__}: {err}"})
+    return kept, images, errors
+
+
+def _explain(images: list[np.ndarray], loaded: de.LoadedModel, settings: de.Settings,
+             items: list[Item]) -> tuple[list[Item], list[de.Explanation], list[dict]]:
+    """``explain_batch`` on the batch; when it fails with a ValueError (an image that diverges), each image
+    alone, and the images that still fail become error rows."""
+    try:
+        return items, de.explain_batch(images, loaded, settings=settings, verbose=False), []
+    except ValueError as err:
+        if len(images) == 1:
+            return [], [], [{"path": items[0].key, "reason": f"ValueError: {err}"}]
+    kept, explanations, errors = [], [], []
+    for item, image in zip(items, images):
+        k, e, bad = _explain([image], loaded, settings, [item])
+        kept += k
+        explanations += e
+        errors += bad
+    return kept, explanations, errors
+
+
+def _audit_batch(out: Path, number: int, items: Sequence[Item], loaded: de.LoadedModel,
+                 settings: de.Settings) -> int:
+    """Explain and write batch ``number``; returns its number of errors."""
+    kept, images, errors = _read_images(items)
+    explanations = []
+    if kept:
+        kept, explanations, failed = _explain(images, loaded, settings, kept)
+        errors += failed
+    rows = [_row(item, e, loaded.labels) for item, e in zip(kept, explanations)]
+    maps = np.stack([e.saliency for e in explanations]) if explanations else np.zeros((0, 1, 1), np.float16)
+    _write_batch(out, number, rows, errors, maps)
+    return len(errors)
+
+
+# --------------------------------------------------------------------------- aggregates and summary
+
+def class_means(out: str | Path) -> dict[str, np.ndarray]:
+    """Per explained class (``target_label``) of the audit in ``out``: the mean of its images' maps, each
+    normalized to sum 1 (H×W float32 summing to 1; all-zero maps left out). Reads one batch at a time, so
+    memory does not grow with the dataset."""
+    out = Path(out)
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for n in _done_batches(out):
+        rows_path, _, maps_path = _batch_files(out, n)
+        with np.load(maps_path) as data:
+            for row, m in zip(_read_csv(rows_path), data["maps"].astype(np.float64)):
+                if m.sum() > 0:
+                    label = row["target_label"]
+                    sums[label] = sums.get(label, 0) + m / m.sum()
+                    counts[label] = counts.get(label, 0) + 1
+    return {label: (sums[label] / counts[label]).astype(np.float32) for label in sorted(sums)}
+
+
+@dataclass
+class AuditSummary:
+    """What a run did: images explained now, skipped as already done, errors (all, this run's and earlier
+    ones), the run's wall seconds, and per class its image count and :func:`border_ratio`."""
+
+    explained: int
+    skipped: int
+    errors: int
+    seconds: float
+    classes: dict
+
+    @property
+    def images_per_hour(self) -> float:
+        """Images explained per hour of this run's wall time (0 when nothing was explained)."""
+        return self.explained * 3600 / self.seconds if self.explained and self.seconds > 0 else 0.0
+
+    def class_lines(self) -> list[str]:
+        """One line per explained class: its image count and border ratio (the shortcut flag statistic)."""
+        return [f"  {label}: {c['images']} images, border ratio {c['border_ratio']:.2f}"
+                if c["border_ratio"] is not None else f"  {label}: {c['images']} images, all maps zero"
+                for label, c in self.classes.items()]
+
+    def line(self) -> str:
+        """The one-line summary printed at the end."""
+        return (f"audit: {self.explained} images explained, {self.skipped} skipped as done, {self.errors} errors, "
+                f"{self.images_per_hour:.0f} images/hour")
+
+
+def _finish(out: Path, items: Sequence[Item], summary: AuditSummary) -> None:
+    """Merge the batch files into audit.csv and errors.csv (source order), and write class_means.npz and
+    summary.json; each file whole or not at all."""
+    order = {item.key: i for i, item in enumerate(items)}
+    rows = sorted(read_table(out), key=lambda r: order.get(r["path"], len(order)))
+    errors = sorted(read_table(out, errors=True), key=lambda r: order.get(r["path"], len(order)))
+    means = class_means(out)
+    counts = {label: sum(r["target_label"] == label for r in rows) for label in means}
+    summary.classes = {label: {"images": counts[label], "border_ratio": _finite(border_ratio(m))}
+                       for label, m in means.items()}
+    data = {TABLE_FILE: _csv_bytes(rows, COLUMNS), ERRORS_FILE: _csv_bytes(errors, ERROR_COLUMNS),
+            SUMMARY_FILE: (json.dumps({**vars(summary), "images_per_hour": summary.images_per_hour,
+                                       "rows": len(rows)}, indent=2, allow_nan=False) + "\n").encode()}
+    writers = {out / name: (lambda f, d=d: f.write(d)) for name, d in data.items()}
+    writers[out / MEANS_FILE] = lambda f: np.savez_compressed(f, **means)
+    write_atomically(writers)
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+# --------------------------------------------------------------------------- the run
+
+def _load(source: str | Path, model: str | None, weights: str | Path | None,
+          device: str | None) -> tuple[de.LoadedModel, str | Path | None]:
+    """The model to audit ``source`` with, and its weights file: an embedded source fixes both."""
+    embedded = _embedded(str(source))
+    if embedded is None:
+        return de.load_model(model or "auto", device=device, weights_path=weights), weights
+    if model not in (None, "shapes") or weights is not None:
+        raise ValueError(f"{embedded[0]}:N is explained with its own embedded model; leave out --model and "
+                         "--weights")
+    weights = EMBEDDED_SOURCES[embedded[0]][1]
+    return de.load_model("shapes", device=device, weights_path=weights), weights
+
+
+def _batches(items: Sequence[Item], size: int) -> list[Sequence[Item]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _check_count(name: str, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a whole number ≥ 1, got {value!r}")
+
+
+def audit(source: str | Path, out: str | Path, *, model: str | None = None, weights: str | Path | None = None,
+          preset: str | None = None, batch: int = 16, limit: int | None = None, resume: bool = False,
+          device: str | None = None, progress: bool = True, **values) -> AuditSummary:
+    """Explain every image of ``source`` (see :func:`discover`; the first ``limit`` only) into folder ``out``,
+    ``batch`` images per :func:`deepexplain.explain_batch` call, with one progress bar for the whole audit.
+
+    ``model`` (default ``"auto"``; embedded sources use their own), ``weights``, ``preset`` and ``values``
+    (settings by name) are those of :func:`deepexplain.explain`. With ``resume`` an audit already in ``out``
+    is continued — the same settings are required — and its done images are skipped; without it, an audit
+    already there is an error. Returns the :class:`AuditSummary`; the files written are listed in the module
+    docstring. Raises ValueError for bad input, before anything is written.
+    """
+    _check_count("batch", batch)
+    _check_count("limit", limit)
+    settings = de.Settings.from_preset(preset, **values)
+    items = discover(source)[:limit]
+    loaded, weights = _load(source, model, weights, device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_or_record(out, audit_settings(source, loaded, weights, preset, settings, batch), resume)
+    (out / BATCHES).mkdir(exist_ok=True)
+    done = {row["path"] for errors in (False, True) for row in read_table(out, errors)}
+    todo = [item for item in items if item.key not in done]
+    numbers = _done_batches(out)
+    first = numbers[-1] + 1 if numbers else 0
+    start = time.perf_counter()
+    errors = 0
+    with tqdm(total=len(items), initial=len(items) - len(todo), unit="image", desc="audit",
+              disable=not progress) as bar:
+        for number, chunk in enumerate(_batches(todo, batch), start=first):
+            errors += _audit_batch(out, number, chunk, loaded, settings)
+            bar.update(len(chunk))
+    summary = AuditSummary(len(todo) - errors, len(items) - len(todo), len(read_table(out, errors=True)),
+                           time.perf_counter() - start, {})
+    _finish(out, items, summary)
+    return summary
