@@ -630,7 +630,7 @@ def photo_cases(loaded: de.LoadedModel, folder: str | os.PathLike, *, split: str
     for row, name in rows:
         image = de.load_image(Path(folder) / name)
         x = loaded.preprocessing(image, device=loaded.device)
-        target = int(de.class_probabilities(loaded.model, x).argmax())
+        target = int(de.checked_probabilities(loaded, x).argmax())
         cases.append(Case(image, x, target, None, row, name))
     return cases
 
@@ -905,11 +905,16 @@ def photo_report_markdown(result: EvaluationResult, command: str = "") -> str:
              "once all of it fits (a flat map cannot win by luck; equal to random for a map without ties).\n\n"
              + photo_table(result)]
     if result.sanity:
-        n = len({r["scene_id"] for r in result.sanity})
-        parts.append(f"### Sanity check: model-parameter randomization ({n} photos)\n\nSpearman rank "
-                     "correlation between the map for the trained model and for a copy with its top layers "
-                     "re-initialised; near 1 means the map does not depend on the model.\n\n" + sanity_table(result))
+        parts.append(_sanity_section(result, "photos"))
     return "\n\n".join(parts) + "\n"
+
+
+def _sanity_section(result: EvaluationResult, unit: str, note: str = "") -> str:
+    """The report's sanity-check section: what it measures, then the table; ``unit``: scenes or photos."""
+    n = len({r["scene_id"] for r in result.sanity})
+    return (f"### Sanity check: model-parameter randomization ({n} {unit})\n\nSpearman rank correlation between "
+            "the map for the trained model and for a copy with its top layers re-initialised; near 1 means the map "
+            f"does not depend on the model.{note}\n\n" + sanity_table(result))
 
 
 def report_markdown(result: EvaluationResult, command: str = "") -> str:
@@ -925,12 +930,8 @@ def report_markdown(result: EvaluationResult, command: str = "") -> str:
              "### Localization and faithfulness\n\nMean [95% CI]: Wilson for hit rates, Student t otherwise.\n\n"
              + main_table(result)]
     if result.sanity:
-        n = len({r["scene_id"] for r in result.sanity})
-        parts.append(f"### Sanity check: model-parameter randomization ({n} scenes)\n\nSpearman rank "
-                     "correlation between the map for the trained model and for a copy with its top layers "
-                     "re-initialised; near 1 means the map does not depend on the model. n/a: the map was "
-                     "constant for every randomized copy (nothing to rank), i.e. it did change.\n\n"
-                     + sanity_table(result))
+        parts.append(_sanity_section(result, "scenes", " n/a: the map was constant for every randomized copy "
+                                     "(nothing to rank), i.e. it did change."))
     if result.shortcut:
         acc = result.shortcut_accuracy
         n = len({r["scene_id"] for r in result.shortcut})
