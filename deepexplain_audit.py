@@ -32,7 +32,6 @@ and the merged table is in source order, so it equals an uninterrupted run's (up
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import re
@@ -47,7 +46,7 @@ from tqdm.auto import tqdm
 import deepexplain as de
 import deepexplain_eval as ev
 import deepexplain_scenes as scenes
-from deepexplain_io import write_atomically
+from deepexplain_io import csv_bytes, write_atomically
 
 __all__ = [
     "IMAGE_SUFFIXES", "GRID", "BORDER", "COLUMNS", "ERROR_COLUMNS", "EMBEDDED_SOURCES", "Item", "discover",
@@ -255,15 +254,6 @@ def _write_json(path: Path, value: object) -> None:
 
 # --------------------------------------------------------------------------- batch files
 
-def _csv_bytes(rows: Sequence[Mapping], columns: Sequence[str]) -> bytes:
-    """Rows as CSV bytes with a header (None → empty cell; floats with repr's round-trip precision)."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
-    return buffer.getvalue().encode()
-
-
 def _npz_writer(maps: np.ndarray, keys: Sequence[str]) -> Callable[[BinaryIO], None]:
     return lambda f: np.savez_compressed(f, maps=maps.astype(np.float16), keys=np.array(keys, dtype=str))
 
@@ -277,7 +267,7 @@ def _batch_files(out: Path, number: int) -> tuple[Path, Path, Path]:
 def _write_batch(out: Path, number: int, rows: list[dict], errors: list[dict], maps: np.ndarray) -> None:
     """Write one batch's three files, all or none."""
     rows_path, errors_path, maps_path = _batch_files(out, number)
-    tables = {rows_path: _csv_bytes(rows, COLUMNS), errors_path: _csv_bytes(errors, ERROR_COLUMNS)}
+    tables = {rows_path: csv_bytes(rows, COLUMNS), errors_path: csv_bytes(errors, ERROR_COLUMNS)}
     writers = {path: (lambda f, data=data: f.write(data)) for path, data in tables.items()}
     writers[maps_path] = _npz_writer(maps, [row["path"] for row in rows])
     write_atomically(writers)
@@ -426,7 +416,7 @@ def _finish(out: Path, items: Sequence[Item], summary: AuditSummary) -> None:
     counts = {label: sum(r["target_label"] == label for r in rows) for label in means}
     summary.classes = {label: {"images": counts[label], "border_ratio": _finite(border_ratio(m))}
                        for label, m in means.items()}
-    data = {TABLE_FILE: _csv_bytes(rows, COLUMNS), ERRORS_FILE: _csv_bytes(errors, ERROR_COLUMNS),
+    data = {TABLE_FILE: csv_bytes(rows, COLUMNS), ERRORS_FILE: csv_bytes(errors, ERROR_COLUMNS),
             SUMMARY_FILE: (json.dumps({**vars(summary), "images_per_hour": summary.images_per_hour,
                                        "rows": len(rows)}, indent=2, allow_nan=False) + "\n").encode()}
     writers = {out / name: (lambda f, d=d: f.write(d)) for name, d in data.items()}

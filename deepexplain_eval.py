@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import io
 import os
 import platform
 import time
@@ -65,7 +64,7 @@ from tqdm.auto import tqdm
 
 import deepexplain as de
 import deepexplain_scenes as scenes
-from deepexplain_io import write_atomically
+from deepexplain_io import csv_bytes, write_atomically
 
 __all__ = [
     "FIRST_SCENE_ID", "POINTING_TOLERANCE", "COM_TOLERANCE", "METHODS", "METRICS",
@@ -977,15 +976,6 @@ def plot_examples(result: EvaluationResult) -> plt.Figure:
     return fig
 
 
-def _csv_bytes(rows: list[dict]) -> bytes:
-    buffer = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    return buffer.getvalue().encode()
-
-
 def write_report(result: EvaluationResult, out_dir: str | Path, command: str = "") -> list[Path]:
     """Write evaluation.md, evaluation.csv (summary), scores.csv (per scene and map), sanity.csv,
     shortcut.csv and evaluation_grid.jpg into ``out_dir``, each whole or not at all. A photo
@@ -995,11 +985,11 @@ def write_report(result: EvaluationResult, out_dir: str | Path, command: str = "
     photos = result.settings.get("kind") == "photos"
     files = {
         "evaluation.md": report_markdown(result, command).encode(),
-        "evaluation.csv": _csv_bytes(_summary_rows(result.scores, (*(PHOTO_METRICS if photos else METRICS),
+        "evaluation.csv": csv_bytes(_summary_rows(result.scores, (*(PHOTO_METRICS if photos else METRICS),
                                                                    "seconds"))),
-        "scores.csv": _csv_bytes(result.scores),
-        "sanity.csv": _csv_bytes(result.sanity),
-        **({} if photos else {"shortcut.csv": _csv_bytes(result.shortcut)}),
+        "scores.csv": csv_bytes(result.scores),
+        "sanity.csv": csv_bytes(result.sanity),
+        **({} if photos else {"shortcut.csv": csv_bytes(result.shortcut)}),
     }
     fig = None if photos or not result.examples else plot_examples(result)
     writers = {out_dir / name: (lambda f, data=data: f.write(data)) for name, data in files.items()}

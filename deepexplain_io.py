@@ -12,15 +12,17 @@ of them can import it; it imports torch only when weights are read.
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import signal
 import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Mapping
+from typing import BinaryIO, Callable, Iterator, Mapping, Sequence
 
-__all__ = ["Terminated", "sigterm_raises", "signals_deferred", "write_atomically", "read_state_dict",
+__all__ = ["Terminated", "sigterm_raises", "csv_bytes", "signals_deferred", "write_atomically", "read_state_dict",
            "load_weights"]
 
 #: The signals that stop a run: Ctrl-C and a polite kill.
@@ -139,6 +141,19 @@ def write_atomically(writers: Mapping[Path, Callable[[BinaryIO], object]]) -> No
         with signals_deferred():
             for temp, _ in temps:
                 Path(temp).unlink(missing_ok=True)
+
+
+def csv_bytes(rows: Sequence[Mapping], columns: Sequence[str] | None = None) -> bytes:
+    """Rows as CSV bytes with a header of ``columns`` (default: the first row's keys; no rows and no columns
+    give empty bytes); None becomes an empty cell, floats keep repr's round-trip precision."""
+    columns = list(rows[0]) if columns is None and rows else columns
+    if columns is None:
+        return b""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    return buffer.getvalue().encode()
 
 
 def read_state_dict(path: str | os.PathLike) -> dict:
