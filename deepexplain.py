@@ -1616,6 +1616,15 @@ class Panel:
     progress: object = None
     result: Explanation | None = None
 
+    def __post_init__(self):
+        # Stable CSS class names (the browser test's selectors, or a stylesheet's): deepexplain-panel, -figure,
+        # -run, -progress, and deepexplain-<setting> on each control.
+        named = {"panel": self.widget, "figure": self.image, "run": self.run, "progress": self.progress,
+                 **self.controls}
+        for name, widget in named.items():
+            if widget is not None:
+                widget.add_class(f"deepexplain-{name}")
+
     def _repr_mimebundle_(self, **kwargs):
         return self.widget._repr_mimebundle_(**kwargs)
 
