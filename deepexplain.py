@@ -55,7 +55,7 @@ import typing
 import urllib.error
 import urllib.request
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -79,14 +79,14 @@ __all__ = [
     "DIFFERENCES", "PRECISIONS", "GENERATOR_KINDS", "AUTO_MODEL", "OFFLINE_ENV",
     "MAX_IMAGE_PIXELS", "MAX_PIXELS_ENV", "max_image_pixels", "load_image", "read_image", "to_rgb_uint8",
     "Preprocessing", "PhotoMapping", "channel_mean",
-    "LoadedModel", "load_model", "frozen", "resolve_device",
+    "LoadedModel", "load_model", "frozen", "resolve_device", "ShapesModelWarning",
     "Prediction", "class_probabilities", "checked_probabilities", "assess", "format_predictions",
-    "PRESET_BASES", "DEFAULT_PRESET", "Interval", "setting", "SettingSpec", "GeneratorSettings",
+    "PRESET_BASES", "PRESET_DESCRIPTIONS", "DEFAULT_PRESET", "Interval", "setting", "SettingSpec", "GeneratorSettings",
     "OptimizationSettings", "PostprocessingSettings", "STAGES", "Settings", "SETTINGS", "PRESETS",
     "SEED_PRESET", "FAST_PRESET", "MASKED_PRESET", "DEFAULTS", "resolve_hyperparameters", "settings_table",
     "PerturbationGenerator", "MaskedPerturbationGenerator", "GENERATORS", "make_generator", "total_variation",
     "OptimizationResult", "optimize_perturbation", "optimize_perturbations",
-    "STOP_PROBABILITY", "STOP_IMPROVEMENT", "converged",
+    "STOP_PROBABILITY", "STOP_IMPROVEMENT", "converged", "run_converged",
     "difference_map", "sharpen", "crop_border", "dilate", "smooth", "center_of_mass",
     "saliency_map", "Explanation", "explain", "explain_batch",
     "with_postprocessing", "plot_panels", "plot_overlay", "plot_history", "plot_tensors",
@@ -416,6 +416,26 @@ class LoadedModel:
         return self.labels[index] if self.labels is not None else f"class {index}"
 
 
+class ShapesModelWarning(UserWarning):
+    """The embedded shapes model was asked to explain an image that is not one of its scenes (e.g. a photo):
+    it knows six synthetic shapes only, so its explanation says nothing about that image."""
+
+
+#: What :class:`ShapesModelWarning` says (one line; the same every time, so Python shows it once per place).
+SHAPES_MODEL_WARNING = (
+    f"the embedded shapes model knows only six synthetic shapes ({', '.join(scenes.CLASS_NAMES)}): its explanation "
+    "of this photo says nothing about the photo. Explain it with a real classifier: --model vgg19 (Python: "
+    "model='vgg19'), or another torchvision model name, with --weights FILE when offline")
+
+
+def _warn_if_not_embedded(loaded: LoadedModel, images: Sequence[np.ndarray]) -> None:
+    """A :class:`ShapesModelWarning` when ``loaded`` is the embedded shapes model and an image (H×W×3 uint8) is
+    not one of its scenes (:func:`deepexplain_scenes.is_embedded`); the warning points at the caller of
+    :func:`explain_batch`."""
+    if loaded.name == "shapes" and not all(scenes.is_embedded(image) for image in images):
+        warnings.warn(SHAPES_MODEL_WARNING, ShapesModelWarning, stacklevel=3)
+
+
 def resolve_device(device: torch.device | str | None) -> torch.device:
     """None → CUDA when available, else CPU; a named CUDA device must exist."""
     if device is None:
@@ -652,6 +672,13 @@ def format_predictions(predictions: Sequence[Prediction]) -> str:
 #: schedule (README, "Performance"); ``"masked"`` the generator that also learns where to perturb (README,
 #: "Beyond the seed").
 PRESET_BASES: Mapping[str, str | None] = MappingProxyType({"seed": None, "fast": "seed", "masked": "fast"})
+#: Each preset in a few words (the command line's ``explain --help``).
+PRESET_DESCRIPTIONS: Mapping[str, str] = MappingProxyType({
+    "seed": "the seed document's method with its values, exactly (its section 3.1): each setting's 'seed:' value",
+    "fast": "the seed's method on the project's fast schedule: the seed's map quality about 12x sooner "
+            "(README, Performance)",
+    "masked": "a generator that also learns where to perturb, two runs combined: it measured better than the "
+              "seed's method on every metric of the evaluation (README, Beyond the seed)"})
 #: The preset :func:`explain` and the command line use when none is given: it measured better than the seed
 #: preset on every metric of the evaluation (README, "Beyond the seed").
 DEFAULT_PRESET = "masked"
@@ -1103,7 +1130,7 @@ class OptimizationResult:
 
 
 def optimize_perturbation(model: nn.Module, x: torch.Tensor, generator: PerturbationGenerator, target: int,
-                          settings: OptimizationSettings | None = None, *, progress: bool = True,
+                          settings: OptimizationSettings | None = None, *, progress: bool | tqdm = True,
                           callback: Callable[[int, float], None] | None = None, **values) -> OptimizationResult:
     """Train ``generator`` so that ``model`` loses confidence in ``target`` on ``generator(x)``.
 
@@ -1127,7 +1154,7 @@ def optimize_perturbation(model: nn.Module, x: torch.Tensor, generator: Perturba
 
 def optimize_perturbations(model: nn.Module, x: torch.Tensor, generator: PerturbationGenerator,
                            targets: Sequence[int], settings: OptimizationSettings | None = None, *,
-                           progress: bool = True, callback: Callable[[int, np.ndarray], None] | None = None,
+                           progress: bool | tqdm = True, callback: Callable[[int, np.ndarray], None] | None = None,
                            **values) -> list[OptimizationResult]:
     """:func:`optimize_perturbation` for n images at once: one result per image, in order.
 
@@ -1141,7 +1168,9 @@ def optimize_perturbations(model: nn.Module, x: torch.Tensor, generator: Perturb
     bfloat16; the final perturbed images and their scores are computed in fp32.
     A result's ``seconds`` is the wall time from the start until that image
     finished. ``callback(step, probabilities)`` gets the target probabilities
-    of the images still running. ``settings.runs`` is :func:`explain_batch`'s, not read here.
+    of the images still running. ``settings.runs`` is :func:`explain_batch`'s, not read here. ``progress``:
+    show a progress bar of the steps (True), none (False), or advance a tqdm bar of the caller's by ``steps``;
+    a run that stops early fills the rest of its steps (and says so in a bar of its own).
     """
     settings = _stage_settings(settings, OptimizationSettings, values)
     steps, lr, patience, jitter = settings.steps, settings.lr, settings.patience, settings.jitter
@@ -1160,9 +1189,12 @@ def optimize_perturbations(model: nn.Module, x: torch.Tensor, generator: Perturb
     shifts = torch.randint(-jitter, jitter + 1, (steps, 2), generator=torch.Generator().manual_seed(0)).tolist()
     results: list[OptimizationResult | None] = [None] * n
     start = time.perf_counter()
-    with frozen(model):
+    own_bar = isinstance(progress, bool)  # else the caller's bar, which stays open
+    bar = tqdm(total=steps, desc="optimizing", unit="step", disable=not progress, leave=False) if own_bar else progress
+    with frozen(model), (bar if own_bar else nullcontext(bar)):
         originals = class_probabilities(model, x)[torch.arange(n), targets].tolist()
-        for step in tqdm(range(1, steps + 1), desc="optimizing", disable=not progress, leave=False):
+        for step in range(1, steps + 1):
+            bar.update(1)
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16"):
                 x_pert = generator(xs)
                 logits = model(torch.roll(x_pert, shifts[step - 1], dims=(2, 3)) if jitter else x_pert)
@@ -1194,6 +1226,9 @@ def optimize_perturbations(model: nn.Module, x: torch.Tensor, generator: Perturb
                                                 None if masks is None else masks[k:k + 1].contiguous())
             keep = [k for k in range(len(running)) if k not in done]
             if not keep:
+                bar.update(steps - step)
+                if own_bar and step < steps:
+                    bar.set_postfix_str(f"stopped early at step {step} of {steps} (converged)")
                 break
             generator, optimizer = _keep_copies(generator, optimizer, keep, lr, x)
             running = [running[k] for k in keep]
@@ -1261,6 +1296,16 @@ def converged(losses: Sequence[float], probabilities: Sequence[float], original:
         return False
     best_before, best_recent = losses[:t - patience].min(), losses[t - patience:].min()
     return bool(best_before - best_recent < STOP_IMPROVEMENT * best_before)
+
+
+def run_converged(result: OptimizationResult, settings: OptimizationSettings) -> bool:
+    """Whether an optimization run with ``settings`` converged: it stopped before ``settings.steps`` (the
+    stopping rule held), or :func:`converged` holds on its whole history. With ``patience`` 0 (the seed
+    preset, which never stops early) the rule is judged with the fast preset's patience."""
+    if result.steps_run < settings.steps:
+        return True
+    patience = settings.patience or SETTINGS["patience"].value_in("fast")
+    return converged(result.losses, result.probabilities, result.original_score, patience)
 
 
 # --------------------------------------------------------------------------- post-processing
@@ -1346,7 +1391,9 @@ class Explanation(OptimizationResult):
     ``predictions``: the model's top 5 for ``input``; ``settings``: every
     setting used; ``seed``: the random seed of the (first) generator;
     ``mapping``: where ``input`` (and so the map) lies in the original image
-    (``mapping.to_original(saliency)`` places the map back on it).
+    (``mapping.to_original(saliency)`` places the map back on it);
+    ``runs_steps``/``runs_converged``: each run's steps and whether it converged
+    (:attr:`converged`); the other optimization fields are the first run's.
     """
 
     input: torch.Tensor
@@ -1359,6 +1406,32 @@ class Explanation(OptimizationResult):
     preprocessing: Preprocessing = field(repr=False)
     seed: int = 0
     mapping: PhotoMapping | None = None
+    runs_steps: tuple[int, ...] = ()
+    runs_converged: tuple[bool, ...] = ()
+
+    @property
+    def converged(self) -> bool:
+        """Whether every run converged (:func:`run_converged`): stopped early by the stopping rule, or
+        met it at its last step."""
+        if self.runs_converged:
+            return all(self.runs_converged)
+        return run_converged(self, self.settings.optimization)
+
+    def result_line(self) -> str:
+        """The run in one line: the target's score before → after, where it stopped, and whether it
+        converged, with what to try when it did not; e.g. ``score 0.98 → 0.0031 (target 'star'), stopped
+        at step 142 of 300 (converged)``."""
+        steps = self.settings.optimization.steps
+        scores = f"score {self.original_score:.2g} → {self.perturbed_score:.2g} (target {self.label!r})"
+        runs = self.runs_steps or (self.steps_run,)
+        where = (f"stopped at step {runs[0]}" if len(runs) == 1 else
+                 f"{len(runs)} runs stopped at steps {', '.join(map(str, runs))}") + f" of {steps}"
+        if self.converged:
+            return f"{scores}, {where} (converged)"
+        if self.perturbed_score < STOP_PROBABILITY * self.original_score:
+            return f"{scores}, {where}, not converged: the loss was still falling; more --steps may change the map"
+        seed = "" if self.settings == Settings.from_preset("seed") else " or --preset seed"
+        return f"did not converge: {scores} in {steps} steps; try more --steps, a higher --lr{seed}"
 
     @property
     def hyperparameters(self) -> dict:
@@ -1372,7 +1445,8 @@ class Explanation(OptimizationResult):
             "model": self.model_name, "target": self.target, "label": self.label,
             "original_score": self.original_score, "perturbed_score": self.perturbed_score,
             "center_of_mass": None if self.center_of_mass is None else list(self.center_of_mass),
-            "steps_run": self.steps_run, "seconds": round(self.seconds, 3), "seed": self.seed,
+            "steps_run": self.steps_run, "converged": self.converged, "seconds": round(self.seconds, 3),
+            "seed": self.seed,
             "device": str(self.input.device), "preprocessing": self.preprocessing.describe(),
             "mapping": None if self.mapping is None else self.mapping.as_dict(), **self.hyperparameters,
             "top5": [{"index": p.index, "label": p.label, "probability": p.probability}
@@ -1395,8 +1469,10 @@ def explain(image: str | os.PathLike | np.ndarray | Image.Image,
     seed's method on the project's fast schedule) or from a :class:`Settings`
     object, with ``values`` changing some by name (``lr=0.05``). ``seed`` fixes
     the generator's initialisation, so a run is reproducible on the same device.
-    With ``verbose`` the top-5 assessment is printed and a progress bar shown;
-    ``callback`` goes to :func:`optimize_perturbation`.
+    With ``verbose`` the top-5 assessment is printed, a progress bar shown and
+    :meth:`Explanation.result_line` printed after the run; ``callback`` goes to
+    :func:`optimize_perturbation`. The embedded ``"shapes"`` model warns
+    (:class:`ShapesModelWarning`) when the image is not one of its scenes.
     """
     return explain_batch([image], model, preset=preset, settings=settings,
                          targets=None if target is None else [target], seed=seed, device=device,
@@ -1433,6 +1509,7 @@ def explain_batch(images: Sequence[str | os.PathLike | np.ndarray | Image.Image]
         raise ValueError(f"{len(images)} images need {len(images)} targets, got {len(targets)}")
     loaded = load_model(model, device=device, weights_path=weights_path)
     arrays = [read_image(image) for image in images]
+    _warn_if_not_embedded(loaded, arrays)
     x = torch.cat([loaded.preprocessing(array, device=loaded.device) for array in arrays])
     with frozen(loaded.model):
         probs = checked_probabilities(loaded, x)
@@ -1442,11 +1519,7 @@ def explain_batch(images: Sequence[str | os.PathLike | np.ndarray | Image.Image]
     targets = [p[0].index for p in predictions] if targets is None else list(targets)
     for target in targets:
         _check_target(target, probs.shape[1])
-    runs = []  # runs[r][i]: run r's result for image i
-    for run in range(settings.optimization.runs):
-        generator = PerturbationGenerator.stack([make_generator(settings.generator, seed=seed + run)] * len(images))
-        runs.append(optimize_perturbations(loaded.model, x, generator, targets, settings.optimization,
-                                           progress=verbose, callback=callback))
+    runs = _optimization_runs(loaded, x, targets, settings, seed, verbose, callback)  # runs[r][i]: run r, image i
     explanations = []
     for i in range(len(images)):
         xi = x[i:i + 1]
@@ -1456,8 +1529,32 @@ def explain_batch(images: Sequence[str | os.PathLike | np.ndarray | Image.Image]
             **vars(result), input=xi, saliency=saliency, center_of_mass=center_of_mass(saliency),
             label=loaded.label(result.target), settings=settings, model_name=loaded.name,
             predictions=predictions[i], preprocessing=loaded.preprocessing, seed=seed,
-            mapping=loaded.preprocessing.mapping(arrays[i])))
+            mapping=loaded.preprocessing.mapping(arrays[i]),
+            runs_steps=tuple(results[i].steps_run for results in runs),
+            runs_converged=tuple(run_converged(results[i], settings.optimization) for results in runs)))
+    if verbose:
+        print("\n".join(e.result_line() for e in explanations))
     return explanations
+
+
+def _optimization_runs(loaded: LoadedModel, x: torch.Tensor, targets: Sequence[int], settings: Settings, seed: int,
+                       verbose: bool, callback) -> list[list[OptimizationResult]]:
+    """``settings.optimization.runs`` optimizations of the n×3×H×W batch ``x``, from generator seeds ``seed``,
+    ``seed + 1``, …: one list of n results per run. With ``verbose``, one progress bar for all the runs' steps,
+    which says where each run stopped."""
+    n_runs, steps = settings.optimization.runs, settings.optimization.steps
+    runs = []
+    with tqdm(total=n_runs * steps, desc="optimizing", unit="step", disable=not verbose) as bar:
+        for run in range(n_runs):
+            if n_runs > 1:
+                bar.set_description(f"optimizing, run {run + 1} of {n_runs}")
+            generator = PerturbationGenerator.stack([make_generator(settings.generator, seed=seed + run)] * len(x))
+            runs.append(optimize_perturbations(loaded.model, x, generator, targets, settings.optimization,
+                                               progress=bar, callback=callback))
+            stops = [max(r.steps_run for r in results) for results in runs]
+            bar.set_postfix_str(f"stopped at step {stops[0]} of {steps}" if n_runs == 1 else "stopped: " + ", ".join(
+                f"run {k + 1} at step {stop}" for k, stop in enumerate(stops)) + f" (of {steps})")
+    return runs
 
 
 def _resolve_settings(preset: str | None, settings: Settings | None, values: Mapping[str, object]) -> Settings:

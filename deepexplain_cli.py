@@ -9,9 +9,10 @@ Commands, each a function registered on its subparser with ``set_defaults(func=.
 * ``audit SOURCE``: explain every image of a folder (or embedded scenes) resumably (:mod:`deepexplain_audit`).
 
 Every setting of :data:`deepexplain.SETTINGS` is an ``explain`` option, with its
-type, allowed values, help and each preset's value taken from its declaration.
-Bad input ends with one line on stderr and exit status 2; Ctrl-C at any moment with one line and exit
-status 130, SIGTERM with exit status 143; outputs are written all or none (:mod:`deepexplain_io`).
+type, allowed values, help and each preset's value taken from its declaration;
+``explain --help`` ends with what each preset is. A warning is one line on
+stderr (``deepexplain: note: ...``). Bad input ends with one line on stderr and exit status 2; Ctrl-C at
+any moment with one line and exit status 130, SIGTERM with exit status 143; outputs are written all or none (:mod:`deepexplain_io`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -31,12 +34,31 @@ de = audit = bench = ev = scenes = None
 __all__ = ["parser", "main"]
 
 DEVICES = ("cpu", "cuda")
+_WIDTH = 79  # of the help's own paragraphs
 
 
 def _setting_help(spec: de.SettingSpec) -> str:
-    """A setting's --help line: what it does, what it takes, and the value each preset gives it."""
-    values = ", ".join(f"{preset} {spec.value_in(preset)}" for preset in de.PRESET_BASES)
-    return f"{spec.help}; {spec.allowed()} (presets: {values})"
+    """A setting's --help line: what it does, what it takes, its default and which preset it comes from, and
+    the value each other preset gives it."""
+    default = spec.value_in(de.DEFAULT_PRESET)
+    others = [preset for preset in de.PRESET_BASES if preset != de.DEFAULT_PRESET]
+    if all(spec.value_in(preset) == default for preset in others):
+        return f"{spec.help}; {spec.allowed()}; default: {default} (every preset)"
+    values = "; ".join(f"{preset}: {spec.value_in(preset)}" for preset in others)
+    return f"{spec.help}; {spec.allowed()}; default: {default} ({de.DEFAULT_PRESET} preset); {values}"
+
+
+def _presets_epilog() -> str:
+    """``explain --help``'s closing paragraph: each preset, what it is and the values it changes."""
+    lines = textwrap.wrap("presets (--preset): every setting above takes its value from the preset unless its "
+                          "option is given; each preset changes some values of the one before it.", _WIDTH)
+    for preset, base in de.PRESET_BASES.items():
+        changed = [f"--{name.replace('_', '-')} {value}" for name, value in de.PRESETS[preset].items()
+                   if base is not None and value != de.PRESETS[base][name]]
+        text = (f"{preset}{' (the default)' * (preset == de.DEFAULT_PRESET)}: {de.PRESET_DESCRIPTIONS[preset]}"
+                + (f"; = {base} with {', '.join(changed)}" if changed else ""))
+        lines += textwrap.wrap(text, _WIDTH, initial_indent="  ", subsequent_indent="    ")
+    return "\n".join(lines)
 
 
 def _add_settings(command: argparse.ArgumentParser) -> None:
@@ -57,8 +79,7 @@ def _explain(args: argparse.Namespace) -> None:
     _check_output_folder(args.out)
     values = {name: getattr(args, name) for name in de.SETTINGS}
     result = de.explain(args.image, args.model, preset=args.preset, target=args.target, seed=args.seed,
-                        device=args.device, weights_path=args.weights, **values)
-    print(f"original score: {result.original_score:.4f}  perturbed score: {result.perturbed_score:.2e}")
+                        device=args.device, weights_path=args.weights, **values)  # prints result.result_line()
     for path in de.save_outputs(result, args.out, Path(args.image).stem):
         print(f"wrote {path}")
 
@@ -103,15 +124,14 @@ def _explain_parser(commands) -> None:
     ex = commands.add_parser(
         "explain", help="explain an image's top class and write the results",
         description=f"Explain an image's top class. The settings come from --preset (default "
-                    f"{de.DEFAULT_PRESET}); an option given here changes one of them.")
+                    f"{de.DEFAULT_PRESET}); an option given here changes one of them.",
+        epilog=_presets_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     ex.add_argument("image", help="a JPEG/PNG/GIF file, or an embedded sample's name (e.g. star)")
     ex.add_argument("--model", default="auto", help="auto, vgg19, shapes or a torchvision model name")
     ex.add_argument("--weights", type=Path, help="a local state_dict file for the model's architecture")
     ex.add_argument("--target", type=int, help="class index to explain (default: the top class)")
     ex.add_argument("--preset", choices=list(de.PRESET_BASES),
-                    help=f"a named set of values for every setting (default {de.DEFAULT_PRESET}): seed = the "
-                         "seed document's method exactly, fast = its fast schedule, masked = the generator "
-                         "that also learns where to perturb")
+                    help=f"a named set of values for every setting (default {de.DEFAULT_PRESET}; see the end)")
     ex.add_argument("--seed", type=int, default=0, help="random seed of the generator's initialisation")
     ex.add_argument("--device", choices=DEVICES, help="default: cuda when available")
     ex.add_argument("--out", type=Path, default=Path("results"), help="output folder (default results/)")
@@ -215,12 +235,19 @@ def _import_modules() -> None:
     import deepexplain_scenes as scenes
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """Show a warning as one line on stderr: ``deepexplain: note: ...`` (``warning:`` for Python's own kinds)."""
+    kind = "note" if category.__module__ == "deepexplain" else category.__name__
+    print(f"deepexplain: {kind}: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status: 0, 2 with a one-line message for bad input (argparse's
     own errors included), 130 for Ctrl-C and 143 for SIGTERM (each with one line on stderr)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        with sigterm_raises():
+        with sigterm_raises(), warnings.catch_warnings():
+            warnings.showwarning = _warning_line
             try:
                 args = parser().parse_args(argv)
             except SystemExit as stop:  # --help, or argparse's one-line error (_Parser.error)

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Callable, Mapping, NamedTuple, Sequence
 
 import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
 import numpy as np
 import torch
 from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion, Saliency
@@ -772,6 +773,22 @@ def evaluate_photos(folder: str | os.PathLike, model: str | nn.Module | de.Loade
 _RANGES = {"spearman": (-1.0, 1.0), "seconds": (0.0, np.inf)}
 
 
+#: The columns of sanity.csv and shortcut.csv (a table without rows is written with its header alone).
+SANITY_COLUMNS = ("scene_id", "level", "method", "spearman")
+SHORTCUT_COLUMNS = ("scene_id", "method", "target", "on_tag", "on_object", "points_at_tag", "points_at_object")
+
+
+def _score_columns(photos: bool) -> tuple[str, ...]:
+    """The columns of scores.csv, for scenes or photos."""
+    return ("scene_id", *(("file",) if photos else ()), "method", "target",
+            *(PHOTO_METRICS if photos else METRICS), "seconds")
+
+
+def _summary_columns(keys: Sequence[str], group: str = "method") -> tuple[str, ...]:
+    """The columns of :func:`_summary_rows`' rows: group, n, and each key's mean, low and high."""
+    return (group, "n", *(f"{key}{end}" for key in keys for end in ("", "_low", "_high")))
+
+
 def _summary_rows(rows: list[dict], keys: Sequence[str], group: str = "method") -> list[dict]:
     """One row per value of ``group`` (first-seen order) with mean, low and high of each key."""
     out = []
@@ -959,8 +976,20 @@ def plot_map(saliency: np.ndarray, mask: np.ndarray, ax=None, title: str = "",
     return ax.figure
 
 
+def _marker_legend(fig: plt.Figure) -> None:
+    """A legend under the figure for :func:`plot_map`'s marks: the object's outline, the maximum and the
+    center of mass (on a dark ground, as on the maps)."""
+    handles = [Line2D([], [], color="cyan", linewidth=0.8, label="object (ground truth)"),
+               Line2D([], [], linestyle="", marker="x", color="lime", label="map's maximum (pointing game)"),
+               Line2D([], [], linestyle="", marker="+", color="white",
+                      label="map's center of mass (the seed's marker)")]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=6, frameon=True, facecolor="0.15",
+               edgecolor="0.15", labelcolor="white", borderaxespad=0.2)
+
+
 def plot_examples(result: EvaluationResult) -> plt.Figure:
-    """Figure grid: one row per example scene, the scene then each method's map (see :func:`plot_map`)."""
+    """Figure grid: one row per example scene, the scene then each method's map (see :func:`plot_map`),
+    with a legend of the marks under it."""
     names = list(result.examples[0]["maps"])
     fig, axes = plt.subplots(len(result.examples), len(names) + 1, squeeze=False,
                              figsize=(1.3 * (len(names) + 1), 1.4 * len(result.examples)))
@@ -972,24 +1001,27 @@ def plot_examples(result: EvaluationResult) -> plt.Figure:
             plot_map(example["maps"][name], example["mask"], ax, marker_size=5)
     for ax, title in zip(axes[0], ["scene", *names]):
         ax.set_title(title, fontsize=7)
-    fig.tight_layout(pad=0.3)
+    _marker_legend(fig)
+    fig.tight_layout(pad=0.3, rect=(0, 0.35 / fig.get_figheight(), 1, 1))  # room for the legend: 0.35 in
     return fig
 
 
 def write_report(result: EvaluationResult, out_dir: str | Path, command: str = "") -> list[Path]:
     """Write evaluation.md, evaluation.csv (summary), scores.csv (per scene and map), sanity.csv,
     shortcut.csv and evaluation_grid.jpg into ``out_dir``, each whole or not at all. A photo
-    evaluation writes numbers only: no grid (it would show the photos) and no shortcut.csv."""
+    evaluation writes numbers only: no grid (it would show the photos) and no shortcut.csv. A part
+    that was skipped (``sanity_scenes=0``, ``shortcut_scenes=0``) leaves its table with the header
+    row alone, so the folder always has the same files and none of an earlier run's."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     photos = result.settings.get("kind") == "photos"
+    keys = (*(PHOTO_METRICS if photos else METRICS), "seconds")
     files = {
         "evaluation.md": report_markdown(result, command).encode(),
-        "evaluation.csv": csv_bytes(_summary_rows(result.scores, (*(PHOTO_METRICS if photos else METRICS),
-                                                                   "seconds"))),
-        "scores.csv": csv_bytes(result.scores),
-        "sanity.csv": csv_bytes(result.sanity),
-        **({} if photos else {"shortcut.csv": csv_bytes(result.shortcut)}),
+        "evaluation.csv": csv_bytes(_summary_rows(result.scores, keys), _summary_columns(keys)),
+        "scores.csv": csv_bytes(result.scores, _score_columns(photos)),
+        "sanity.csv": csv_bytes(result.sanity, SANITY_COLUMNS),
+        **({} if photos else {"shortcut.csv": csv_bytes(result.shortcut, SHORTCUT_COLUMNS)}),
     }
     fig = None if photos or not result.examples else plot_examples(result)
     writers = {out_dir / name: (lambda f, data=data: f.write(data)) for name, data in files.items()}

@@ -144,11 +144,13 @@ def write_atomically(writers: Mapping[Path, Callable[[BinaryIO], object]]) -> No
 
 
 def csv_bytes(rows: Sequence[Mapping], columns: Sequence[str] | None = None) -> bytes:
-    """Rows as CSV bytes with a header of ``columns`` (default: the first row's keys; no rows and no columns
-    give empty bytes); None becomes an empty cell, floats keep repr's round-trip precision."""
-    columns = list(rows[0]) if columns is None and rows else columns
+    """Rows as CSV bytes with a header of ``columns`` (default: the first row's keys); None becomes an empty
+    cell, floats keep repr's round-trip precision. A table without rows is its header alone, never 0 bytes:
+    with no rows, ``columns`` must be given (ValueError otherwise)."""
     if columns is None:
-        return b""
+        if not rows:
+            raise ValueError("an empty table needs its columns: a CSV file is never 0 bytes")
+        columns = list(rows[0])
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()

@@ -18,6 +18,9 @@ Scenes
     gives the same background, placement and colours for every ``k``; only
     the shape and its texture change.  The object's pixels are returned as a
     ground-truth mask, against which explanations can be checked.
+    ``is_embedded(image)`` tells whether an image is one of these scenes (a
+    sample of ``data/samples`` or a scene drawn in this process), pixel for
+    pixel: deepexplain warns when the shapes model is asked about any other.
 
 Planted shortcut
     ``make_marked_scene`` adds a solid tag, a bar on the left edge whose colour
@@ -40,6 +43,7 @@ Model
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from functools import lru_cache
@@ -60,7 +64,8 @@ __all__ = [
     "CLASS_NAMES", "SCENE_SIZE", "MARGIN", "SIZE_RANGE", "MEAN", "STD",
     "WEIGHTS_PATH", "SHORTCUT_WEIGHTS_PATH", "SHORTCUT_TRAINING", "SAMPLES_DIR", "EVAL_FIRST_SEED", "SAMPLE_FIRST_SEED",
     "MARK_ROWS", "MARK_COLS", "MARK_COLOURS", "Scene", "make_scene", "drawn_label", "mark_mask",
-    "make_marked_scene", "swapped_mark", "make_scene_with_marks", "scene_batch", "normalize", "ShapesNet",
+    "make_marked_scene", "swapped_mark", "make_scene_with_marks", "scene_batch", "is_embedded", "normalize",
+    "ShapesNet",
     "load_shapes_model", "accuracy", "train", "save_samples", "load_sample",
 ]
 
@@ -80,6 +85,9 @@ MARK_COLOURS = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (24
 SAMPLES_DIR = Path(__file__).resolve().parent / "data" / "samples"
 EVAL_FIRST_SEED = 10_000_000
 SAMPLE_FIRST_SEED = 20_000_000
+#: How many of the scenes drawn last :func:`is_embedded` remembers (16 bytes each).
+REMEMBERED_SCENES = 100_000
+_drawn: dict[bytes, None] = {}  # fingerprints of the scenes drawn in this process, oldest first
 
 
 class Scene(NamedTuple):
@@ -223,7 +231,38 @@ def make_scene(seed: int, label: int | None = None) -> Scene:
     image = _background(rng)
     mask = _draw_object(image, label, rng)
     image += rng.normal(0, 6, image.shape)  # pixel grain over everything
-    return Scene(np.clip(image, 0, 255).astype(np.uint8), mask, label, CLASS_NAMES[label])
+    return Scene(_remembered(np.clip(image, 0, 255).astype(np.uint8)), mask, label, CLASS_NAMES[label])
+
+
+def _fingerprint(image: np.ndarray) -> bytes:
+    """16 bytes that tell an image (array of any shape and dtype) from any other, pixel for pixel."""
+    image = np.ascontiguousarray(image)
+    digest = hashlib.blake2b(f"{image.shape} {image.dtype.str}".encode(), digest_size=16)
+    digest.update(image.data)
+    return digest.digest()
+
+
+def _remembered(image: np.ndarray) -> np.ndarray:
+    """``image``, its fingerprint remembered as an embedded scene's (the newest ``REMEMBERED_SCENES`` are kept)."""
+    _drawn[_fingerprint(image)] = None
+    while len(_drawn) > REMEMBERED_SCENES:
+        del _drawn[next(iter(_drawn))]
+    return image
+
+
+@lru_cache(maxsize=1)
+def _sample_fingerprints() -> frozenset[bytes]:
+    """The fingerprints of the sample scenes saved in ``SAMPLES_DIR`` (read once)."""
+    return frozenset(_fingerprint(np.array(Image.open(SAMPLES_DIR / f"{name}.png").convert("RGB")))
+                     for name in CLASS_NAMES if (SAMPLES_DIR / f"{name}.png").is_file())
+
+
+def is_embedded(image: np.ndarray) -> bool:
+    """Whether ``image`` (H×W×3 uint8 RGB) is an embedded scene, pixel for pixel: one of the samples of
+    ``data/samples``, or a scene drawn in this process (:func:`make_scene`, :func:`make_marked_scene`,
+    :func:`load_sample`). A photo, or a scene changed in any pixel, is not."""
+    fingerprint = _fingerprint(np.asarray(image))
+    return fingerprint in _drawn or fingerprint in _sample_fingerprints()
 
 
 def mark_mask() -> np.ndarray:
@@ -241,7 +280,7 @@ def make_marked_scene(seed: int, label: int | None = None, mark_label: int | Non
     scene = make_scene(seed, label)
     image = scene.image.copy()
     image[MARK_ROWS, MARK_COLS] = MARK_COLOURS[scene.label if mark_label is None else int(mark_label)]
-    return scene._replace(image=image)
+    return scene._replace(image=_remembered(image))
 
 
 def swapped_mark(seed: int, label: int) -> int:
@@ -427,7 +466,7 @@ def load_sample(name: str, folder: str | os.PathLike = SAMPLES_DIR) -> Scene:
     folder = Path(folder)
     image = np.array(Image.open(folder / f"{name}.png").convert("RGB"))
     mask = np.array(Image.open(folder / f"{name}_mask.png").convert("L")) > 127
-    return Scene(image, mask, CLASS_NAMES.index(name), name)
+    return Scene(_remembered(image), mask, CLASS_NAMES.index(name), name)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ import json
 import re
 import subprocess
 import sys
+import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from PIL import Image
 import deepexplain as de
 import deepexplain_cli as cli
 import deepexplain_scenes as scenes
+from helpers import RegionClassifier, square_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 FEW_STEPS = 30
@@ -465,7 +468,10 @@ def test_cli_writes_three_files_with_documented_keys(tmp_path, capsys):
     saliency = np.load(tmp_path / f"{stem}_saliency.npy")
     assert saliency.shape == (224, 224) and saliency.dtype == np.float32
     assert Image.open(tmp_path / f"{stem}_explanation.png").size[0] > 500
-    assert "5 top classes" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "5 top classes" in out and re.search(r"^score .* \(target 'square'\), 2 runs stopped at steps 5, 5 of 5",
+                                                out, re.MULTILINE)
+    assert "note:" not in err  # an embedded sample: no warning about photos
 
 
 @pytest.mark.parametrize("args, message", [
@@ -513,3 +519,128 @@ def test_cli_process_exit_code_and_message(tmp_path):
                          capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 2
     assert run.stderr.strip() == f"deepexplain: error: image file not found: {tmp_path / 'nope.jpg'}"
+
+
+# --------------------------------------------------------------------------- what a user sees
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory) -> Path:
+    """A PNG that is not an embedded scene: noise, as far from the six shapes as a photo."""
+    path = tmp_path_factory.mktemp("photo") / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def shapes_warnings(record) -> list:
+    return [w for w in record if issubclass(w.category, de.ShapesModelWarning)]
+
+
+def test_embedded_scenes_are_known_pixel_for_pixel(photo):
+    sample = scenes.SAMPLES_DIR / "disk.png"
+    assert scenes.is_embedded(de.read_image("star")) and scenes.is_embedded(de.load_image(sample))
+    scene = scenes.make_scene(123_456)
+    assert scenes.is_embedded(scene.image) and scenes.is_embedded(scenes.make_marked_scene(7).image)
+    assert scenes.is_embedded(de.read_image(torch.from_numpy(scene.image).permute(2, 0, 1)))  # as a tensor
+    changed = scene.image.copy()
+    changed[0, 0, 0] ^= 1
+    assert not scenes.is_embedded(changed) and not scenes.is_embedded(de.load_image(photo))
+
+
+def test_shapes_model_warns_once_about_a_photo_and_never_about_its_scenes(shapes, photo):
+    options = dict(preset="fast", steps=1, verbose=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for image in ("star", scenes.SAMPLES_DIR / "ring.png", scenes.make_scene(99).image):
+            de.explain(image, shapes, **options)
+        assert shapes_warnings(record) == []
+        de.explain(photo, shapes, **options)
+        warned = shapes_warnings(record)
+        assert len(warned) == 1 and "six synthetic shapes" in str(warned[0].message)
+        assert "--model vgg19" in str(warned[0].message) and "\n" not in str(warned[0].message)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("default")  # Python's own: shown once
+        for _ in range(2):
+            de.explain(photo, shapes, **options)
+    assert len(shapes_warnings(record)) == 1
+
+
+def test_another_model_does_not_warn_about_photos(photo):
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        de.explain(photo, scenes.ShapesNet(), preset="fast", steps=1, verbose=False)
+    assert shapes_warnings(record) == []
+
+
+def test_cli_notes_a_photo_explained_by_the_shapes_model_in_one_line(tmp_path, capsys, photo):
+    code = cli.main(["explain", str(photo), "--model", "shapes", "--preset", "fast", "--steps", "1",
+                     "--device", "cpu", "--out", str(tmp_path)])
+    notes = [line for line in capsys.readouterr().err.splitlines() if "deepexplain: note:" in line]
+    assert code == 0 and len(notes) == 1
+    assert notes[0].startswith("deepexplain: note: the embedded shapes model knows only six synthetic shapes")
+
+
+def with_run(e, *, steps_run, runs_converged, steps=30, **changes):
+    return replace(e, steps_run=steps_run, runs_steps=(steps_run,), runs_converged=runs_converged,
+                   settings=e.settings.updated(steps=steps), label="square", **changes)
+
+
+def test_result_line_says_where_the_run_stopped_and_whether_it_converged(explanation):
+    e = with_run(explanation, steps_run=12, runs_converged=(True,), original_score=0.98, perturbed_score=0.003)
+    assert e.converged
+    assert e.result_line() == "score 0.98 → 0.003 (target 'square'), stopped at step 12 of 30 (converged)"
+    e = with_run(explanation, steps_run=30, runs_converged=(False,), original_score=0.69, perturbed_score=0.59)
+    assert not e.converged and e.result_line().startswith("did not converge: score 0.69 → 0.59 (target 'square') "
+                                                          "in 30 steps; try more --steps")
+    e = with_run(explanation, steps_run=30, runs_converged=(False,), original_score=0.9, perturbed_score=0.001)
+    assert "stopped at step 30 of 30, not converged: the loss was still falling" in e.result_line()
+    two = replace(e, runs_steps=(12, 30), runs_converged=(True, False))
+    assert not two.converged and "2 runs stopped at steps 12, 30 of 30" in two.result_line()
+    assert replace(two, runs_converged=(True, True)).converged
+
+
+def test_run_converged_follows_the_stopping_rule(explanation):
+    settings = de.OptimizationSettings.from_preset("fast").updated(steps=40, patience=5)
+    flat, falling = np.r_[np.ones(10), np.full(30, 0.5)], np.linspace(1.0, 0.1, 40)  # flat for the last 30
+    low = np.full(40, 1e-3)
+    run = replace(explanation, steps_run=40, losses=flat, probabilities=low, original_score=0.9)
+    assert de.run_converged(run, settings)
+    assert not de.run_converged(replace(run, losses=falling), settings)
+    assert de.run_converged(replace(run, losses=falling[:12], steps_run=12), settings)  # it stopped early
+    seed = de.OptimizationSettings.from_preset("seed").updated(steps=40)  # patience 0: judged with the fast's 20
+    assert de.run_converged(run, seed) and not de.run_converged(replace(run, losses=falling), seed)
+
+
+def test_verbose_run_prints_its_result_line_and_a_bar_that_ends_where_it_stopped(capsys, shapes, sample):
+    e = de.explain(sample.image, shapes, preset="masked", steps=3, runs=2)
+    out, err = capsys.readouterr()
+    assert out.strip().splitlines()[-1] == e.result_line() and len(e.runs_steps) == 2
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "100%" in last and "6/6" in last and "stopped: run 1 at step 3, run 2 at step 3 (of 3)" in last
+
+
+def test_a_bar_of_its_own_says_the_run_stopped_early(capsys):
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 32, 32)
+    model = RegionClassifier(square_mask(8, 8, 16, shape=(32, 32)), x)
+    model.sharpness.data.fill_(1e4)  # any change wrecks class 0; a tiny lr keeps the loss flat: it stops at once
+    result = de.optimize_perturbation(model, x, de.PerturbationGenerator(), 0, steps=50, lr=1e-9, patience=2)
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert result.steps_run < 50
+    assert f"stopped early at step {result.steps_run} of 50 (converged)" in last and "50/50" in last
+
+
+def test_explain_help_names_the_presets_and_where_each_default_comes_from(capsys):
+    assert cli.main(["explain", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for preset, description in de.PRESET_DESCRIPTIONS.items():
+        assert f"{preset}{' (the default)' * (preset == de.DEFAULT_PRESET)}: {description}" in text
+    assert "= fast with --generator masked" in text and "--lr 0.1" in text
+    for spec in de.SETTINGS.values():
+        values = {p: spec.value_in(p) for p in de.PRESET_BASES}
+        default = values.pop(de.DEFAULT_PRESET)
+        if len(set(values.values()) | {default}) == 1:
+            assert f"{spec.allowed()}; default: {default} (every preset)" in text
+        else:
+            others = "; ".join(f"{p}: {v}" for p, v in values.items())
+            assert f"{spec.allowed()}; default: {default} ({de.DEFAULT_PRESET} preset); {others}" in text

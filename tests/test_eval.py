@@ -2,6 +2,7 @@
 
 import csv
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 import deepexplain as de
 import deepexplain_cli as cli
 import deepexplain_eval as ev
+import deepexplain_io as dio
 import deepexplain_scenes as scenes
 from helpers import RegionClassifier, square_mask
 
@@ -233,6 +235,30 @@ def test_cli_evaluate_writes_the_report(tmp_path, capsys):
     assert code == 0
     assert "| grad-cam |" in (tmp_path / "evaluation.md").read_text()
     assert "--methods center grad-cam" in (tmp_path / "evaluation.md").read_text()  # how to reproduce it
+    for name, columns in (("sanity.csv", ev.SANITY_COLUMNS), ("shortcut.csv", ev.SHORTCUT_COLUMNS)):
+        assert (tmp_path / name).read_text() == ",".join(columns) + "\n"  # skipped: its header alone, not 0 bytes
+    with open(tmp_path / "scores.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
+
+
+def test_an_empty_table_is_its_header_and_never_zero_bytes():
+    assert dio.csv_bytes([], ["a", "b"]) == b"a,b\n"
+    with pytest.raises(ValueError, match="an empty table needs its columns"):
+        dio.csv_bytes([])
+
+
+def test_the_grid_figure_has_a_legend_of_its_marks():
+    scene = scenes.make_scene(5)
+    maps = {"random": np.random.default_rng(0).random((224, 224)), "center": ev.center_gaussian((224, 224))}
+    fig = ev.plot_examples(ev.EvaluationResult([], examples=[{"image": scene.image, "mask": scene.mask,
+                                                              "maps": maps}]))
+    (legend,) = fig.legends
+    texts = [t.get_text() for t in legend.get_texts()]
+    assert len(texts) == 3 and any("object" in t for t in texts)
+    assert any("maximum" in t for t in texts) and any("center of mass" in t for t in texts)
+    handles = {h.get_marker(): h.get_color() for h in legend.legend_handles}
+    assert handles["x"] == "lime" and handles["+"] == "white"  # the colours plot_map draws them in
+    plt.close(fig)
 
 
 @pytest.mark.parametrize("args, message", [
