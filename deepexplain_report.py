@@ -339,14 +339,15 @@ def _html(result: AuditResult, sections: Sequence[_Section], pictures: Mapping[s
         return "".join(f'<td class="flag">FLAGGED</td>' if c == "**FLAGGED**" else f"<td>{html.escape(c)}</td>"
                        for c in _class_cells(section))
 
+    header = "<tr>" + "".join(f"<th>{h}</th>" for h in CLASS_HEADER) + "</tr>"
     title = f"Audit of {html.escape(result.identity['model'])}"
     parts = [f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{title}</title><style>{_CSS}</style>'
              f"</head><body><h1>{title}</h1>", *(para(p) for p in _intro(result)),
-             "<table><tr>" + "".join(f"<th>{h}</th>" for h in CLASS_HEADER) + "</tr>",
+             f"<table>{header}",
              *(f"<tr>{cells(s)}</tr>" for s in sections), "</table>",
              f"<p>{img('overview.png', 'mean maps')}</p>" if "overview.png" in pictures else ""]
     for k, section in enumerate(sections):
-        parts += [f"<h2>{html.escape(section.label)}</h2><table><tr>{cells(section)}</tr></table>",
+        parts += [f"<h2>{html.escape(section.label)}</h2><table>{header}<tr>{cells(section)}</tr></table>",
                   f"<p>{img(f'mean_{k:03d}.png', 'mean map')}</p>"]
         for name, group in section.groups.items():
             names = [(f"image_{r['_index']:05d}.jpg", r) for r in group]
