@@ -14,7 +14,28 @@
 * ``class_means.npz``: per explained class, the mean of the images' maps, each normalized to sum 1 (an array per
   class label, H×W float32, image coordinates: the model sees the whole image resized, so a fraction of the map's
   height or width is the same fraction of the image's), and ``summary.json``: the run's counts and, per class,
-  the shortcut flag statistic (:func:`border_ratio`).
+  its image count, its mean map's border share and the shortcut flag (below);
+* ``report.html`` (one self-contained file) and ``report.md`` with its pictures in ``report/``
+  (:mod:`deepexplain_report`).
+
+The shortcut flag (:func:`shortcut_statistics`): a model that decides a class from a fixed spot of the image
+— a tag, a watermark, a frame — looks at the same place in every image of that class, wherever the object is.
+Each map ``m_i`` of a class is normalized to sum 1 and ``M`` is their mean; a square window of side
+:data:`WINDOW` (1/8 of the image side: 28 px at 224) slides over a map, and ``peak(m)`` is the largest share of
+``m`` inside one window (:func:`window_peak`). Then
+
+* **consistency** = ``peak(M) / mean_i peak(m_i)``, in (0, 1]: 1 when every image's hottest window is at the same
+  place, low when each image looks somewhere else (at its object);
+* **lift** = ``peak(M) / window area fraction`` (1/64): 1 when the mean map is no more concentrated than a flat one.
+
+A class is flagged when it has at least :data:`FLAG_MIN_IMAGES` images, consistency ≥ :data:`FLAG_CONSISTENCY`
+and lift ≥ :data:`FLAG_LIFT`; the window's place (its center, as fractions of the height and width) and share
+say where the model looks. The thresholds come from the embedded scenes (masked preset, 50 steps, 60 scenes): the
+planted-shortcut model's classes had consistency 0.96–0.99 and lift 3.4–4.9, the clean model's 0.46–0.82 and
+1.5–2.9 (with the full default preset, 16 shortcut scenes: 0.99–1.00 and about 22–25). They are a starting
+point, not a law: a dataset whose objects always sit at the same place (centered portraits) is consistent too,
+so read the flagged class's mean map and images in the report before blaming the model. The seed and fast
+presets crop a 10% border off every map, so they cannot see a shortcut there: audit with the masked preset.
 
 ``SOURCE`` is a folder searched recursively for image files (:data:`IMAGE_SUFFIXES`; other files and hidden
 ones are ignored; a file with an image suffix that cannot be read is an error, listed, never fatal). When the
@@ -38,9 +59,10 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Mapping, Sequence
+from typing import BinaryIO, Callable, Collection, Iterator, Mapping, Sequence
 
 import numpy as np
+from scipy import ndimage
 from tqdm.auto import tqdm
 
 import deepexplain as de
@@ -50,8 +72,9 @@ from deepexplain_io import csv_bytes, write_atomically
 
 __all__ = [
     "IMAGE_SUFFIXES", "GRID", "BORDER", "COLUMNS", "ERROR_COLUMNS", "EMBEDDED_SOURCES", "Item", "discover",
-    "border_region", "map_statistics", "border_ratio", "audit_settings", "AuditSummary", "audit", "read_table", "read_maps",
-    "class_means",
+    "WINDOW", "FLAG_MIN_IMAGES", "FLAG_CONSISTENCY", "FLAG_LIFT",
+    "border_region", "map_statistics", "window_peak", "shortcut_statistics", "maps_statistics", "class_statistics",
+    "class_line", "audit_settings", "AuditSummary", "audit", "read_table", "read_maps", "class_means",
 ]
 
 #: File suffixes (lower case) searched for in a folder; other files are ignored.
@@ -60,6 +83,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".we
 GRID = 4
 #: ... and on the image's border, this fraction of the rows and columns on every side.
 BORDER = 0.1
+#: The shortcut flag's window: a square of this fraction of the image's side (28 px at 224) ...
+WINDOW = 1 / 8
+#: ... and its thresholds (:func:`shortcut_statistics`), measured on the embedded scenes.
+FLAG_MIN_IMAGES, FLAG_CONSISTENCY, FLAG_LIFT = 5, 0.9, 2.0
 #: Embedded sources: ``KIND:N`` → (the scenes' tag marks, the model's weights file).
 EMBEDDED_SOURCES = {"scenes": (None, scenes.WEIGHTS_PATH), "shortcut": ("match", scenes.SHORTCUT_WEIGHTS_PATH)}
 #: The columns of audit.csv, in order. Scores and probabilities in [0, 1]; ``com_row``/``com_col``: the map's
@@ -187,17 +214,55 @@ def map_statistics(saliency: np.ndarray) -> dict[str, float | None]:
     return stats
 
 
-def border_ratio(mean_map: np.ndarray, border: float = BORDER) -> float:
-    """The shortcut flag statistic of a class: the share of its mean normalized map on the image border
-    (outer ``border`` fraction), divided by the border's share of the image's area — what a map spread
-    evenly over the image would put there (0.36 for 10%). 1: no preference; above 1: the class's maps lean on
-    the border, where labels, watermarks and frames sit; NaN for an all-zero map. The seed and fast presets
-    crop a 10% border off every map, so with them it is 0 by construction: audit with the masked preset."""
-    region = border_region(mean_map.shape, border)
-    total = float(mean_map.sum())
+def _window_shape(shape: tuple[int, int], window: float) -> tuple[int, int]:
+    return max(1, round(window * shape[0])), max(1, round(window * shape[1]))
+
+
+def window_peak(saliency: np.ndarray, window: float = WINDOW) -> tuple[float, float, float]:
+    """The hottest window of an H×W map (≥ 0): ``(share, row, col)``, the largest share of the map (in [0, 1])
+    inside a window of ``window`` × the height by ``window`` × the width (a square on a square map), and the
+    window's center as fractions of the height and width (in (0, 1)). Windows may reach past the edge (the
+    outside counts as 0). ``(nan, nan, nan)`` for an all-zero map."""
+    p = np.asarray(saliency, dtype=np.float64)
+    total = p.sum()
     if not total > 0:
-        return float("nan")
-    return float(mean_map[region].sum() / total) / float(region.mean())
+        return math.nan, math.nan, math.nan
+    size = _window_shape(p.shape, window)
+    shares = ndimage.uniform_filter(p / total, size=size, mode="constant") * (size[0] * size[1])
+    r, c = np.unravel_index(int(np.argmax(shares)), shares.shape)
+    # uniform_filter's window over index i spans i - size//2 .. i - size//2 + size - 1: its center is below
+    row = (r - size[0] // 2 + size[0] / 2) / p.shape[0]
+    col = (c - size[1] // 2 + size[1] / 2) / p.shape[1]
+    return float(shares[r, c]), float(row), float(col)
+
+
+def shortcut_statistics(mean_map: np.ndarray, image_peaks: Sequence[float], window: float = WINDOW) -> dict:
+    """The shortcut flag of a class from its mean normalized map ``mean_map`` (H×W ≥ 0) and the
+    :func:`window_peak` share of each of its images' maps (``image_peaks``, one per image with a non-zero map):
+
+    ``images`` (how many), ``consistency`` = peak(mean) / mean(image peaks) in (0, 1], ``lift`` = peak(mean) /
+    the window's area fraction (≥ 1 … 1/fraction), ``flag`` (≥ :data:`FLAG_MIN_IMAGES` images, consistency ≥
+    :data:`FLAG_CONSISTENCY`, lift ≥ :data:`FLAG_LIFT`) and ``window``: ``{"row", "col", "share"}`` of the mean
+    map's hottest window (center as fractions of the height/width). Statistics are None without images."""
+    peaks = np.asarray(image_peaks, dtype=np.float64)
+    share, row, col = window_peak(mean_map, window)
+    if peaks.size == 0 or not math.isfinite(share):
+        return {"images": int(peaks.size), "consistency": None, "lift": None, "flag": False, "window": None}
+    h, w = _window_shape(np.shape(mean_map), window)
+    consistency = min(1.0, share / float(peaks.mean()))  # ≤ 1 but for rounding: a sum's peak ≤ the peaks' sum
+    lift = share / (h * w / (np.shape(mean_map)[0] * np.shape(mean_map)[1]))
+    flag = peaks.size >= FLAG_MIN_IMAGES and consistency >= FLAG_CONSISTENCY and lift >= FLAG_LIFT
+    return {"images": int(peaks.size), "consistency": consistency, "lift": lift, "flag": bool(flag),
+            "window": {"row": row, "col": col, "share": share}}
+
+
+def maps_statistics(maps: np.ndarray | Sequence[np.ndarray], window: float = WINDOW) -> dict:
+    """:func:`class_statistics` of one class's maps (N×H×W, each ≥ 0; all-zero maps left out): the shortcut
+    flag's statistics and the mean normalized map's ``border`` share."""
+    kept = [np.asarray(m, dtype=np.float64) / float(np.sum(m, dtype=np.float64)) for m in maps
+            if np.sum(m, dtype=np.float64) > 0]
+    mean = np.mean(kept, axis=0) if kept else np.zeros((1, 1))
+    return class_statistics({"": mean}, {"": [window_peak(m, window)[0] for m in kept]}, window)[""]
 
 
 # --------------------------------------------------------------------------- settings
@@ -290,13 +355,14 @@ def read_table(out: str | Path, errors: bool = False) -> list[dict]:
     return [row for n in _done_batches(out) for row in _read_csv(_batch_files(out, n)[1 if errors else 0])]
 
 
-def read_maps(out: str | Path) -> dict[str, np.ndarray]:
-    """Every map of the audit in ``out``: table ``path`` → H×W float16 map."""
+def read_maps(out: str | Path, keys: Collection[str] | None = None) -> dict[str, np.ndarray]:
+    """Every map of the audit in ``out`` (only those of ``keys`` when given): table ``path`` → H×W float16
+    map."""
     out = Path(out)
     maps = {}
     for n in _done_batches(out):
         with np.load(_batch_files(out, n)[2]) as data:
-            maps.update(zip(data["keys"].tolist(), data["maps"]))
+            maps.update((k, m) for k, m in zip(data["keys"].tolist(), data["maps"]) if keys is None or k in keys)
     return maps
 
 
@@ -360,13 +426,11 @@ def _audit_batch(out: Path, number: int, items: Sequence[Item], loaded: de.Loade
 
 # --------------------------------------------------------------------------- aggregates and summary
 
-def class_means(out: str | Path) -> dict[str, np.ndarray]:
-    """Per explained class (``target_label``) of the audit in ``out``: the mean of its images' maps, each
-    normalized to sum 1 (H×W float32 summing to 1; all-zero maps left out). Reads one batch at a time, so
-    memory does not grow with the dataset."""
-    out = Path(out)
+def _class_aggregates(out: Path) -> tuple[dict[str, np.ndarray], dict[str, list[float]]]:
+    """Per explained class: the mean normalized map (float64) and the :func:`window_peak` share of each map,
+    streamed one batch at a time (all-zero maps left out)."""
     sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
+    peaks: dict[str, list[float]] = {}
     for n in _done_batches(out):
         rows_path, _, maps_path = _batch_files(out, n)
         with np.load(maps_path) as data:
@@ -374,14 +438,33 @@ def class_means(out: str | Path) -> dict[str, np.ndarray]:
                 if m.sum() > 0:
                     label = row["target_label"]
                     sums[label] = sums.get(label, 0) + m / m.sum()
-                    counts[label] = counts.get(label, 0) + 1
-    return {label: (sums[label] / counts[label]).astype(np.float32) for label in sorted(sums)}
+                    peaks.setdefault(label, []).append(window_peak(m)[0])
+    means = {label: sums[label] / len(peaks[label]) for label in sorted(sums)}
+    return means, {label: peaks[label] for label in means}
+
+
+def class_means(out: str | Path) -> dict[str, np.ndarray]:
+    """Per explained class (``target_label``) of the audit in ``out``: the mean of its images' maps, each
+    normalized to sum 1 (H×W float32 summing to 1; all-zero maps left out). Reads one batch at a time, so
+    memory does not grow with the dataset."""
+    return {label: m.astype(np.float32) for label, m in _class_aggregates(Path(out))[0].items()}
+
+
+def class_statistics(means: Mapping[str, np.ndarray], peaks: Mapping[str, Sequence[float]],
+                     window: float = WINDOW) -> dict[str, dict]:
+    """Per class, what summary.json holds, from its mean normalized map and its images' :func:`window_peak`
+    shares: ``images`` (with a non-zero map), ``border`` (the mean map's share on the border, None for an
+    all-zero map), ``consistency``, ``lift``, ``flag`` and ``window`` (:func:`shortcut_statistics`),
+    JSON-ready."""
+    return {label: {**shortcut_statistics(m, peaks[label], window), "border": map_statistics(m)["border"]}
+            for label, m in means.items()}
 
 
 @dataclass
 class AuditSummary:
     """What a run did: images explained now, skipped as already done, errors (all, this run's and earlier
-    ones), the run's wall seconds, and per class its image count and :func:`border_ratio`."""
+    ones), the run's wall seconds, and per class :func:`class_statistics` (images, border share, shortcut
+    flag)."""
 
     explained: int
     skipped: int
@@ -395,15 +478,24 @@ class AuditSummary:
         return self.explained * 3600 / self.seconds if self.explained and self.seconds > 0 else 0.0
 
     def class_lines(self) -> list[str]:
-        """One line per explained class: its image count and border ratio (the shortcut flag statistic)."""
-        return [f"  {label}: {c['images']} images, border ratio {c['border_ratio']:.2f}"
-                if c["border_ratio"] is not None else f"  {label}: {c['images']} images, all maps zero"
-                for label, c in self.classes.items()]
+        """One line per explained class: images, border share, the shortcut flag's statistics and window."""
+        return [class_line(label, c) for label, c in self.classes.items()]
 
     def line(self) -> str:
         """The one-line summary printed at the end."""
         return (f"audit: {self.explained} images explained, {self.skipped} skipped as done, {self.errors} errors, "
                 f"{self.images_per_hour:.0f} images/hour")
+
+
+def class_line(label: str, c: Mapping) -> str:
+    """One class of :func:`class_statistics` in a line, e.g. ``  star: 12 images, border share 0.31,
+    consistency 0.97, lift 4.1, FLAGGED: window at row 0.50, col 0.05 (share 0.27)``."""
+    if c["consistency"] is None:
+        return f"  {label}: {c['images']} images, all maps zero"
+    window = c["window"]
+    return (f"  {label}: {c['images']} images, border share {c['border']:.2f}, consistency {c['consistency']:.2f}, "
+            f"lift {c['lift']:.1f}, {'FLAGGED' if c['flag'] else 'not flagged'}: window at row {window['row']:.2f}, "
+            f"col {window['col']:.2f} (share {window['share']:.2f})")
 
 
 def _finish(out: Path, items: Sequence[Item], summary: AuditSummary) -> None:
@@ -412,20 +504,14 @@ def _finish(out: Path, items: Sequence[Item], summary: AuditSummary) -> None:
     order = {item.key: i for i, item in enumerate(items)}
     rows = sorted(read_table(out), key=lambda r: order.get(r["path"], len(order)))
     errors = sorted(read_table(out, errors=True), key=lambda r: order.get(r["path"], len(order)))
-    means = class_means(out)
-    counts = {label: sum(r["target_label"] == label for r in rows) for label in means}
-    summary.classes = {label: {"images": counts[label], "border_ratio": _finite(border_ratio(m))}
-                       for label, m in means.items()}
+    means, peaks = _class_aggregates(out)
+    summary.classes = class_statistics(means, peaks)
     data = {TABLE_FILE: csv_bytes(rows, COLUMNS), ERRORS_FILE: csv_bytes(errors, ERROR_COLUMNS),
             SUMMARY_FILE: (json.dumps({**vars(summary), "images_per_hour": summary.images_per_hour,
                                        "rows": len(rows)}, indent=2, allow_nan=False) + "\n").encode()}
     writers = {out / name: (lambda f, d=d: f.write(d)) for name, d in data.items()}
-    writers[out / MEANS_FILE] = lambda f: np.savez_compressed(f, **means)
+    writers[out / MEANS_FILE] = lambda f: np.savez_compressed(f, **{k: m.astype(np.float32) for k, m in means.items()})
     write_atomically(writers)
-
-
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
 
 
 # --------------------------------------------------------------------------- the run
@@ -487,4 +573,6 @@ def audit(source: str | Path, out: str | Path, *, model: str | None = None, weig
     summary = AuditSummary(len(todo) - errors, len(items) - len(todo), len(read_table(out, errors=True)),
                            time.perf_counter() - start, {})
     _finish(out, items, summary)
+    import deepexplain_report  # here, not at the top: the report imports this module
+    deepexplain_report.write_report(out, preprocessing=loaded.preprocessing)
     return summary

@@ -3,6 +3,8 @@ the command line. Runs are kept tiny: the fast preset with 2 steps, a few embedd
 
 import csv
 import json
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +19,9 @@ import deepexplain as de
 import deepexplain_audit as audit
 import deepexplain_cli as cli
 import deepexplain_eval as ev
+import deepexplain_report as report
 import deepexplain_scenes as scenes
+from deepexplain_io import csv_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = {"preset": "fast", "steps": 2, "device": "cpu", "progress": False}
@@ -103,12 +107,48 @@ def test_map_statistics_of_an_even_map_and_of_a_point():
     assert set(audit.map_statistics(np.zeros((8, 8))).values()) == {None}
 
 
-def test_the_border_ratio_is_one_for_an_even_map_and_high_for_a_map_on_the_border():
-    assert audit.border_ratio(np.ones((224, 224))) == pytest.approx(1.0)
-    edge = np.zeros((224, 224))
-    edge[62:162, 2:20] = 1.0  # the planted tag's bar
-    assert audit.border_ratio(edge) == pytest.approx(1 / 0.36, rel=0.02)
-    assert np.isnan(audit.border_ratio(np.zeros((4, 4))))
+def blob(center: tuple[int, int], size: int = 224, radius: int = 12) -> np.ndarray:
+    """A size×size map: a disk of ones around ``center`` (row, col)."""
+    rows, cols = np.ogrid[:size, :size]
+    return ((rows - center[0]) ** 2 + (cols - center[1]) ** 2 <= radius ** 2).astype(np.float64)
+
+
+def object_centers(n: int) -> list[tuple[int, int]]:
+    """``n`` object positions spread over the image, as scenes place them."""
+    rng = np.random.default_rng(0)
+    return [tuple(int(v) for v in rng.integers(40, 184, size=2)) for _ in range(n)]
+
+
+def test_the_window_peak_finds_the_hottest_window_and_its_place():
+    point = np.zeros((224, 224))
+    point[100, 11] = 2.0
+    share, row, col = audit.window_peak(point)
+    assert share == pytest.approx(1.0) and abs(row - 100.5 / 224) < 14 / 224 and abs(col - 11.5 / 224) < 14 / 224
+    assert audit.window_peak(np.ones((224, 224)))[0] == pytest.approx(1 / 64)
+    assert all(np.isnan(audit.window_peak(np.zeros((8, 8)))))
+
+
+def test_a_class_that_looks_at_a_fixed_corner_is_flagged_and_one_that_follows_its_object_is_not():
+    tag = (112, 11)  # the planted tag's place: the middle of the left edge
+    fixed = [blob(tag) + 0.5 * blob(c) for c in object_centers(8)]
+    stats = audit.maps_statistics(fixed)
+    assert stats["flag"] and stats["images"] == 8
+    assert stats["consistency"] >= audit.FLAG_CONSISTENCY and stats["lift"] >= audit.FLAG_LIFT
+    assert abs(stats["window"]["row"] - 0.5) < 0.07 and stats["window"]["col"] < 0.1
+    following = audit.maps_statistics([blob(c) + 0.1 for c in object_centers(8)])
+    assert not following["flag"] and following["consistency"] < 0.5
+    flat = audit.maps_statistics([np.ones((224, 224))] * 8)
+    assert not flat["flag"] and flat["consistency"] == pytest.approx(1.0) and flat["lift"] == pytest.approx(1.0)
+    few = audit.maps_statistics(fixed[:audit.FLAG_MIN_IMAGES - 1])
+    assert not few["flag"] and few["consistency"] >= audit.FLAG_CONSISTENCY and few["lift"] >= audit.FLAG_LIFT
+
+
+def test_the_flag_statistics_leave_out_zero_maps_and_say_so_when_there_are_none():
+    fixed = [blob((112, 11), radius=10)] * 5
+    assert audit.maps_statistics([*fixed, np.zeros((224, 224))]) == audit.maps_statistics(fixed)
+    empty = audit.maps_statistics([np.zeros((224, 224))])
+    assert empty["images"] == 0 and empty["consistency"] is None and not empty["flag"]
+    assert audit.maps_statistics(fixed)["border"] == pytest.approx(1.0)
 
 
 # --------------------------------------------------------------------------- a run
@@ -133,6 +173,11 @@ def test_an_audit_writes_a_row_and_a_float16_map_per_image_and_its_settings(refe
         assert all(means[k].sum() == pytest.approx(1.0, abs=1e-4) for k in means.files)
     summary = json.loads((reference / "summary.json").read_text())
     assert summary["explained"] == 6 and summary["errors"] == 0 and table(reference / "errors.csv") == []
+    for label, c in summary["classes"].items():
+        assert set(c) == {"images", "border", "consistency", "lift", "flag", "window"}
+        assert c["images"] == sum(r["target_label"] == label for r in rows) and c["flag"] is False  # < 5 images
+        assert 0 < c["consistency"] <= 1 + 1e-9 and 1 - 1e-9 <= c["lift"] <= 64 and 0 <= c["border"] <= 1
+        assert 0 < c["window"]["row"] < 1 and 0 < c["window"]["col"] < 1
 
 
 def test_explain_batch_is_called_once_per_batch_quietly_under_one_progress_bar(tmp_path, monkeypatch):
@@ -298,5 +343,74 @@ def test_the_cli_audit_of_a_folder_fills_correct_from_imagefolder_labels(tmp_pat
     lines = capsys.readouterr().out.rstrip().splitlines()
     assert lines[-1].startswith("audit: 1 images explained, 0 skipped as done, 0 errors, ")
     rows = table(out / "audit.csv")
-    assert lines[-2] == f"  {rows[0]['target_label']}: 1 images, border ratio " + lines[-2].rsplit(" ", 1)[1]
+    assert lines[-2].startswith(f"  {rows[0]['target_label']}: 1 images, border share ")
+    assert ", consistency 1.00, lift " in lines[-2] and ", not flagged: window at row " in lines[-2]
+    assert (out / "report.html").is_file() and (out / "report" / "image_00000.jpg").is_file()  # from the file
     assert len(rows) == 1 and rows[0]["correct"] == str(int(rows[0]["predicted_label"] == rows[0]["true_label"]))
+
+
+# --------------------------------------------------------------------------- the report
+
+def referenced(markdown: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+
+
+def test_the_audit_writes_a_self_contained_html_report_and_a_markdown_one_with_its_pictures(reference):
+    page = (reference / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    sources = re.findall(r"""(?:src|href)\s*=\s*["']?([^"' >]+)""", page)
+    assert sources and all(s.startswith(("data:image/png;base64,", "data:image/jpeg;base64,")) for s in sources)
+    assert "url(" not in page and "<link" not in page and "<script" not in page
+    rows = table(reference / "audit.csv")
+    labels = {r["target_label"] for r in rows}
+    assert all(f"<h2>{label}</h2>" in page for label in labels)
+    assert page.count("<figure>") >= len(rows)  # every image is shown in at least one group of its class
+    markdown = (reference / "report.md").read_text()
+    files = referenced(markdown)
+    assert "report/overview.png" in files and len({f for f in files if f.endswith(".jpg")}) == len(rows)
+    assert all((reference / f).is_file() for f in files)
+    assert sorted(p.name for p in (reference / "report").iterdir()) == sorted({Path(f).name for f in files})
+    assert all(f"## {label}" in markdown for label in labels) and "consistency" in markdown
+
+
+def test_write_report_alone_rewrites_the_report_and_removes_pictures_it_no_longer_uses(tmp_path, reference):
+    out = tmp_path / "copy"
+    shutil.copytree(reference, out)
+    (out / "report" / "image_00099.jpg").write_bytes(b"old")
+    (out / "report" / "notes.txt").write_text("mine")
+    (out / "report.html").unlink()
+    paths = report.write_report(out)
+    assert out / "report.html" in paths and out / "report.md" in paths and (out / "report.html").is_file()
+    assert not (out / "report" / "image_00099.jpg").exists() and (out / "report" / "notes.txt").exists()
+    assert all(p.is_file() for p in paths) and leftovers(out) == []
+    assert (out / "report.md").read_text() == (reference / "report.md").read_text()
+
+
+def test_write_report_refuses_a_folder_without_a_finished_audit(tmp_path):
+    with pytest.raises(ValueError, match="holds no finished audit"):
+        report.write_report(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_report_shows_misclassified_images_with_their_true_label(tmp_path, reference):
+    out = tmp_path / "copy"
+    shutil.copytree(reference, out)
+    rows = table(out / "audit.csv")
+    wrong = rows[0]
+    rows[0] = {**wrong, "true_label": "ring" if wrong["target_label"] != "ring" else "disk", "correct": "0"}
+    (out / "audit.csv").write_bytes(csv_bytes(rows, audit.COLUMNS))
+    report.write_report(out)
+    page = (out / "report.html").read_text()
+    section = page.split(f"<h2>{wrong['target_label']}</h2>")[1].split("<h2>")[0]
+    assert "<h3>misclassified</h3>" in section and f"{wrong['path']} (true {rows[0]['true_label']})" in section
+
+
+def test_the_report_of_an_audit_where_every_image_failed_says_so(tmp_path, monkeypatch):
+    def fails(images, *a, **k):
+        raise ValueError("the optimization diverged")
+
+    monkeypatch.setattr(de, "explain_batch", fails)
+    summary = audit.audit("scenes:2", tmp_path, batch=2, **QUICK)
+    assert (summary.explained, summary.errors) == (0, 2)
+    assert "0 images explained, 2 could not be" in (tmp_path / "report.html").read_text()
+    assert referenced((tmp_path / "report.md").read_text()) == []

@@ -119,3 +119,15 @@ def test_08_beyond_the_seed(tmp_path):
     assert set(summary["gallery_pointing"]) == {"grad-cam", "fong-vedaldi", "ours-seed", "ours-masked"}
     assert set(summary["tag_share"]) == {"ours-seed", "ours-masked"}
     assert {"grad-cam", "ours-seed", "ours-masked"} <= set(summary["table_methods"])
+
+
+def test_09_auditing_a_model(tmp_path):
+    summary = run("09_auditing_a_model.ipynb", tmp_path)
+    assert summary["n_scenes"] == 6 and summary["steps"] == 5 and summary["explained"] == {"scenes": 6, "shortcut": 6}
+    assert set(summary["classes"]) == set(summary["flagged"]) == {"scenes", "shortcut"}
+    for classes in summary["classes"].values():
+        assert sum(c["images"] for c in classes.values()) == 6
+        assert all(0 < c["consistency"] <= 1 and c["lift"] >= 1 for c in classes.values())
+    assert summary["flagged"] == {"scenes": [], "shortcut": []}  # fewer than 5 images per class on the short path
+    assert summary["report_files_exist"] and summary["html_self_contained"] and summary["report_fraction"] > 0
+    assert (tmp_path / "results" / "09_auditing_a_model" / "shortcut" / "report.html").is_file()
