@@ -7,8 +7,9 @@
   (``Settings.as_dict()``), strict JSON; a resume with other settings is refused;
 * ``batches/NNNNN.csv``, ``batches/NNNNN.errors.csv`` and ``batches/NNNNN.npz``: one batch's table rows, the
   images of the batch that could not be explained (with the reason) and its maps — a float16 array ``maps``
-  (N×H×W, the map of each explained image, H×W the model's input size) and ``keys`` (N strings, the rows'
-  ``path``) — all three written together by :func:`deepexplain_io.write_atomically`;
+  (N×H×W, the map of each explained image, H×W the model's input size), ``keys`` (N strings, the rows'
+  ``path``) and ``settings`` (the settings.json it was written under, as JSON text: the merge refuses a batch
+  written under other settings) — all three written together by :func:`deepexplain_io.write_atomically`;
 * ``audit.csv`` (:data:`COLUMNS`, one row per explained image, in source order) and ``errors.csv`` (``path``,
   ``reason``): the batch files merged, rewritten whole at the end of every run;
 * ``class_means.npz``: per explained class, the mean of the images' maps, each normalized to sum 1 (an array per
@@ -48,6 +49,13 @@ Resuming and crash-safety: an image is done when its row (or error) is in a batc
 together or not at all, so a run killed at any moment (Ctrl-C, SIGTERM, a crash) loses at most the batch in
 flight and leaves no half-written file. ``--resume`` explains only the images not done yet, in new batch files,
 and the merged table is in source order, so it equals an uninterrupted run's (up to the ``seconds`` column).
+
+Several processes: started by torchrun (``torchrun --nproc_per_node=N deepexplain.py audit ...``, on one machine
+or several), every process is a rank of one audit over ``torch.distributed`` (gloo on the CPU, NCCL on
+``cuda:LOCAL_RANK``). The images not done yet are cut into batches exactly as one process would cut them, and
+rank r explains batches r, r + N, r + 2N, … (:func:`shard`), writing each under the number one process would
+give it; once all are done, rank 0 merges them into the same files as one process. Restarted workers
+(``torchrun --max-restarts K``) resume by themselves.
 """
 
 from __future__ import annotations
@@ -55,9 +63,12 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import BinaryIO, Callable, Collection, Iterator, Mapping, Sequence
 
@@ -74,7 +85,7 @@ __all__ = [
     "IMAGE_SUFFIXES", "GRID", "BORDER", "COLUMNS", "ERROR_COLUMNS", "EMBEDDED_SOURCES", "Item", "discover",
     "WINDOW", "FLAG_MIN_IMAGES", "FLAG_CONSISTENCY", "FLAG_LIFT",
     "border_region", "map_statistics", "window_peak", "shortcut_statistics", "maps_statistics", "class_statistics",
-    "class_line", "audit_settings", "AuditSummary", "audit", "read_table", "read_maps", "class_means",
+    "class_line", "audit_settings", "AuditSummary", "audit", "read_table", "read_maps", "class_means", "shard",
 ]
 
 #: File suffixes (lower case) searched for in a folder; other files are ignored.
@@ -302,14 +313,23 @@ def _check_or_record(out: Path, identity: dict, resume: bool) -> None:
         return
     if not resume:
         raise ValueError(f"{out} already holds an audit; add --resume to continue it, or give another --out")
+    _check_recorded(out, identity)
+
+
+def _check_recorded(out: Path, identity: dict) -> None:
+    """ValueError unless ``out``/settings.json records ``identity`` (naming the differences)."""
+    path = out / SETTINGS_FILE
     try:
         recorded = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot read {path} ({err}); use another --out") from None
     changed = _differences(recorded, identity)
     if changed:
-        raise ValueError(f"cannot resume the audit in {out} with other settings: {'; '.join(changed[:3])}"
-                         f"{' …' if len(changed) > 3 else ''}")
+        raise ValueError(f"cannot resume the audit in {out} with other settings: {_listed(changed)}")
+
+
+def _listed(changed: list[str]) -> str:
+    return f"{'; '.join(changed[:3])}{' …' if len(changed) > 3 else ''}"
 
 
 def _write_json(path: Path, value: object) -> None:
@@ -319,8 +339,9 @@ def _write_json(path: Path, value: object) -> None:
 
 # --------------------------------------------------------------------------- batch files
 
-def _npz_writer(maps: np.ndarray, keys: Sequence[str]) -> Callable[[BinaryIO], None]:
-    return lambda f: np.savez_compressed(f, maps=maps.astype(np.float16), keys=np.array(keys, dtype=str))
+def _npz_writer(maps: np.ndarray, keys: Sequence[str], identity: dict) -> Callable[[BinaryIO], None]:
+    return lambda f: np.savez_compressed(f, maps=maps.astype(np.float16), keys=np.array(keys, dtype=str),
+                                         settings=np.array(json.dumps(identity, sort_keys=True)))
 
 
 def _batch_files(out: Path, number: int) -> tuple[Path, Path, Path]:
@@ -329,13 +350,15 @@ def _batch_files(out: Path, number: int) -> tuple[Path, Path, Path]:
     return stem.with_suffix(".csv"), stem.with_suffix(".errors.csv"), stem.with_suffix(".npz")
 
 
-def _write_batch(out: Path, number: int, rows: list[dict], errors: list[dict], maps: np.ndarray) -> None:
-    """Write one batch's three files, all or none."""
+def _write_batch(out: Path, number: int, rows: list[dict], errors: list[dict], maps: np.ndarray,
+                 identity: dict) -> None:
+    """Write one batch's three files, all or none; the maps file records the audit's settings ``identity``.
+    The rows file, whose presence marks the batch done, is renamed into place last."""
     rows_path, errors_path, maps_path = _batch_files(out, number)
-    tables = {rows_path: csv_bytes(rows, COLUMNS), errors_path: csv_bytes(errors, ERROR_COLUMNS)}
-    writers = {path: (lambda f, data=data: f.write(data)) for path, data in tables.items()}
-    writers[maps_path] = _npz_writer(maps, [row["path"] for row in rows])
-    write_atomically(writers)
+    errors_data, rows_data = csv_bytes(errors, ERROR_COLUMNS), csv_bytes(rows, COLUMNS)
+    write_atomically({errors_path: lambda f: f.write(errors_data),
+                      maps_path: _npz_writer(maps, [row["path"] for row in rows], identity),
+                      rows_path: lambda f: f.write(rows_data)})
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -353,6 +376,19 @@ def read_table(out: str | Path, errors: bool = False) -> list[dict]:
     in batch order."""
     out = Path(out)
     return [row for n in _done_batches(out) for row in _read_csv(_batch_files(out, n)[1 if errors else 0])]
+
+
+def _check_parts(out: Path, identity: dict) -> None:
+    """ValueError when a batch file in ``out`` was written under settings other than ``identity`` (parts
+    written before the settings were recorded in each part carry none and are taken as they are)."""
+    for n in _done_batches(out):
+        maps_path = _batch_files(out, n)[2]
+        with np.load(maps_path) as data:
+            recorded = json.loads(str(data["settings"])) if "settings" in data.files else identity
+        changed = _differences(recorded, identity)
+        if changed:
+            raise ValueError(f"{maps_path} was written under other settings than the audit's: {_listed(changed)}; "
+                             "remove that batch's three files (its images are audited again on --resume)")
 
 
 def read_maps(out: str | Path, keys: Collection[str] | None = None) -> dict[str, np.ndarray]:
@@ -411,7 +447,7 @@ def _explain(images: list[np.ndarray], loaded: de.LoadedModel, settings: de.Sett
 
 
 def _audit_batch(out: Path, number: int, items: Sequence[Item], loaded: de.LoadedModel,
-                 settings: de.Settings) -> int:
+                 settings: de.Settings, identity: dict) -> int:
     """Explain and write batch ``number``; returns its number of errors."""
     kept, images, errors = _read_images(items)
     explanations = []
@@ -420,7 +456,7 @@ def _audit_batch(out: Path, number: int, items: Sequence[Item], loaded: de.Loade
         errors += failed
     rows = [_row(item, e, loaded.labels) for item, e in zip(kept, explanations)]
     maps = np.stack([e.saliency for e in explanations]) if explanations else np.zeros((0, 1, 1), np.float16)
-    _write_batch(out, number, rows, errors, maps)
+    _write_batch(out, number, rows, errors, maps, identity)
     return len(errors)
 
 
@@ -463,14 +499,17 @@ def class_statistics(means: Mapping[str, np.ndarray], peaks: Mapping[str, Sequen
 @dataclass
 class AuditSummary:
     """What a run did: images explained now, skipped as already done, errors (all, this run's and earlier
-    ones), the run's wall seconds, and per class :func:`class_statistics` (images, border share, shortcut
-    flag)."""
+    ones), the run's wall seconds, per class :func:`class_statistics` (images, border share, shortcut flag),
+    and per process (one, or torchrun's ranks) ``{rank, images, errors, seconds_busy, seconds_idle}``: the images
+    it took (explained or failed), of them the errors, its seconds explaining and its seconds waiting for the
+    others."""
 
     explained: int
     skipped: int
     errors: int
     seconds: float
     classes: dict
+    ranks: list = field(default_factory=list)
 
     @property
     def images_per_hour(self) -> float:
@@ -538,9 +577,133 @@ def _check_count(name: str, value: int | None) -> None:
         raise ValueError(f"{name} must be a whole number ≥ 1, got {value!r}")
 
 
+# --------------------------------------------------------------------------- one process or several
+
+#: How long a rank waits for the others (at the start, and at the end for the slowest rank's last batch).
+WAIT = timedelta(days=7)
+#: In ``batches/``: the torchrun job (its run id) that began or resumed the audit, so that its restarted
+#: workers resume it and a new job into the same folder still needs ``--resume``.
+JOB_FILE = ".torchrun_job"
+
+
+def shard(count: int, rank: int, world: int) -> range:
+    """The batches (of ``count``, numbered from 0) that rank ``rank`` of ``world`` explains: every
+    ``world``-th from ``rank``, interleaved. The shards of ranks 0 … world − 1 are disjoint, cover every
+    batch and differ by one batch at most; a rank beyond the last batch gets none."""
+    return range(rank, count, world)
+
+
+class _Solo:
+    """A run in one process (no torchrun): rank 0 of 1."""
+
+    rank, world, restarted, job = 0, 1, False, None
+
+    def device(self, device: str | None) -> str | None:
+        return device
+
+    def gather(self, value: object) -> list:
+        return [value]
+
+    def barrier(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _Ranks:
+    """One of the processes that torchrun started (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the
+    rendezvous address in the environment): a process group over gloo, or NCCL when it explains on CUDA
+    (``cuda:LOCAL_RANK``, unless ``--device cpu``)."""
+
+    def __init__(self, env: Mapping[str, str], device: str | None):
+        import torch
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.rank, self.world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        self.local_rank = int(env.get("LOCAL_RANK", 0))
+        self.restarted = int(env.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+        self.job = env.get("TORCHELASTIC_RUN_ID", "")
+        self.cuda = (device is None or str(device).startswith("cuda")) and torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.set_device(self.local_rank)
+        store, _, _ = next(dist.rendezvous("env://", timeout=WAIT))
+        dist.init_process_group("nccl" if self.cuda else "gloo", store=_this_round(store, self.rank, self.world),
+                                rank=self.rank, world_size=self.world, timeout=WAIT)
+
+    def device(self, device: str | None) -> str | None:
+        return f"cuda:{self.local_rank}" if self.cuda else device
+
+    def gather(self, value: object) -> list:
+        """Every rank's ``value`` (picklable), in rank order, on every rank; a barrier too."""
+        values = [None] * self.world
+        self.dist.all_gather_object(values, value)
+        return values
+
+    def barrier(self) -> None:
+        self.dist.barrier(**({"device_ids": [self.local_rank]} if self.cuda else {}))
+
+    def close(self) -> None:
+        self.dist.destroy_process_group()
+
+
+def _this_round(store, rank: int, world: int):
+    """``store`` under a prefix that only this round of workers shares.
+
+    torchrun's agent keeps one store for all its restarts (``TORCHELASTIC_USE_AGENT_STORE``), so a restarted
+    worker would read the addresses its dead predecessors left there and fail to connect (pytorch#135712);
+    ``TORCHELASTIC_RESTART_COUNT`` cannot tell rounds apart, as it may differ between nodes (pytorch#108158).
+    So rank 0 draws a new token, and each other rank says hello under the token it reads and goes on once
+    rank 0 welcomes it with its own random nonce back: only a token drawn in this round is answered so.
+    """
+    import torch.distributed as dist
+
+    nonce = uuid.uuid4().hex
+    if rank == 0:
+        store.set("deepexplain/round", nonce)
+        for other in range(1, world):
+            store.set(f"deepexplain/{nonce}/welcome/{other}", store.get(f"deepexplain/{nonce}/hello/{other}"))
+        return dist.PrefixStore(f"deepexplain/{nonce}/", store)
+    while True:
+        token = store.get("deepexplain/round").decode()
+        store.set(f"deepexplain/{token}/hello/{rank}", nonce)
+        welcome = f"deepexplain/{token}/welcome/{rank}"
+        while store.get("deepexplain/round").decode() == token:  # a new token: an earlier round's was read
+            if store.check([welcome]) and store.get(welcome).decode() == nonce:
+                return dist.PrefixStore(f"deepexplain/{token}/", store)
+            time.sleep(0.05)
+
+
+def _group(device: str | None) -> _Solo | _Ranks:
+    """This process's place in the run: one of torchrun's ranks when its environment says so, else alone."""
+    launched = {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} <= set(os.environ)
+    return _Ranks(os.environ, device) if launched else _Solo()
+
+
+def _agree(group: _Solo | _Ranks, error: Exception | None, value: object = None) -> list:
+    """Every rank's ``value``, in rank order, once every rank got here; when a rank failed (``error``),
+    every rank raises: its own error, or a ValueError with the lowest failed rank's message."""
+    gathered = group.gather((None if error is None else str(error), value))
+    if error is not None:
+        raise error
+    failed = [(rank, message) for rank, (message, _) in enumerate(gathered) if message is not None]
+    if failed:
+        raise ValueError(f"rank {failed[0][0]} stopped: {failed[0][1]}")
+    return [v for _, v in gathered]
+
+
+def _job_resumes(out: Path, group: _Solo | _Ranks) -> bool:
+    """Whether this is a restarted torchrun worker of the job that began (or resumed) the audit in ``out``."""
+    try:
+        return group.restarted and (out / BATCHES / JOB_FILE).read_text() == group.job
+    except OSError:
+        return False
+
+
 def audit(source: str | Path, out: str | Path, *, model: str | None = None, weights: str | Path | None = None,
           preset: str | None = None, batch: int = 16, limit: int | None = None, resume: bool = False,
-          device: str | None = None, progress: bool = True, **values) -> AuditSummary:
+          device: str | None = None, progress: bool = True, **values) -> AuditSummary | None:
     """Explain every image of ``source`` (see :func:`discover`; the first ``limit`` only) into folder ``out``,
     ``batch`` images per :func:`deepexplain.explain_batch` call, with one progress bar for the whole audit.
 
@@ -549,29 +712,83 @@ def audit(source: str | Path, out: str | Path, *, model: str | None = None, weig
     is continued — the same settings are required — and its done images are skipped; without it, an audit
     already there is an error. Returns the :class:`AuditSummary`; the files written are listed in the module
     docstring. Raises ValueError for bad input, before anything is written.
+
+    Started by torchrun (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` in the environment),
+    each process is one rank of a data-parallel audit: the images not done yet are cut into batches exactly as
+    one process would cut them, rank r explains batches r, r + N, r + 2N, … (:func:`shard`) on
+    ``cuda:LOCAL_RANK`` (or the CPU), and once every rank is done rank 0 merges them into the same files as one
+    process would write, and returns the summary; the other ranks return None. A restarted worker (``TORCHELASTIC_RESTART_COUNT`` > 0) of the job
+    that began the audit resumes it. ``out`` must be the same folder for every rank (a shared file system
+    across nodes).
     """
     _check_count("batch", batch)
     _check_count("limit", limit)
     settings = de.Settings.from_preset(preset, **values)
     items = discover(source)[:limit]
-    loaded, weights = _load(source, model, weights, device)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_or_record(out, audit_settings(source, loaded, weights, preset, settings, batch), resume)
-    (out / BATCHES).mkdir(exist_ok=True)
-    done = {row["path"] for errors in (False, True) for row in read_table(out, errors)}
-    todo = [item for item in items if item.key not in done]
-    numbers = _done_batches(out)
-    first = numbers[-1] + 1 if numbers else 0
+    group = _group(device)
+    try:
+        return _run(group, items, source, Path(out), model, weights, preset, settings, batch, resume,
+                    group.device(device), progress)
+    finally:
+        group.close()
+
+
+def _run(group: _Solo | _Ranks, items: list[Item], source: str | Path, out: Path, model: str | None,
+         weights: str | Path | None, preset: str | None, settings: de.Settings, batch: int, resume: bool,
+         device: str | None, progress: bool) -> AuditSummary | None:
+    """:func:`audit` in one process, or in one of torchrun's ranks (``group``)."""
+    error = identity = loaded = None
+    try:
+        loaded, weights = _load(source, model, weights, device)
+        identity = audit_settings(source, loaded, weights, preset, settings, batch)
+        if group.rank == 0:  # records settings.json, or checks it
+            out.mkdir(parents=True, exist_ok=True)
+            _check_or_record(out, identity, resume or _job_resumes(out, group))
+            (out / BATCHES).mkdir(exist_ok=True)
+            if group.job is not None:
+                write_atomically({out / BATCHES / JOB_FILE: lambda f: f.write(group.job.encode())})
+    except (ValueError, OSError) as err:
+        error = err
+    _agree(group, error)
+    error = view = None
+    try:
+        if group.rank:  # the other ranks check settings.json once rank 0 has recorded or checked it
+            if not (out / SETTINGS_FILE).exists():
+                raise ValueError(f"rank {group.rank} sees no {SETTINGS_FILE} in {out}: every rank needs the same "
+                                 "--out folder (on a shared file system across nodes)")
+            _check_recorded(out, identity)
+        done = {row["path"] for errors in (False, True) for row in read_table(out, errors)}
+        todo = [item for item in items if item.key not in done]
+        numbers = _done_batches(out)
+        first = numbers[-1] + 1 if numbers else 0
+        view = (first, len(todo))
+    except (ValueError, OSError) as err:
+        error = err
+    if len(set(_agree(group, error, view))) > 1:
+        raise ValueError(f"the ranks see different batch files in {out}: every rank needs the same --out folder "
+                         "(on a shared file system across nodes)")
+    chunks = _batches(todo, batch)
+    mine = shard(len(chunks), group.rank, group.world)
+    share = sum(len(chunks[j]) for j in mine)
+    # one bar: the whole audit in one process; under torchrun, rank 0's share
+    shown = (dict(total=len(items), initial=len(items) - len(todo), desc="audit") if group.world == 1
+             else dict(total=share, initial=0, desc=f"audit, rank 0 of {group.world}"))
     start = time.perf_counter()
     errors = 0
-    with tqdm(total=len(items), initial=len(items) - len(todo), unit="image", desc="audit",
-              disable=not progress) as bar:
-        for number, chunk in enumerate(_batches(todo, batch), start=first):
-            errors += _audit_batch(out, number, chunk, loaded, settings)
-            bar.update(len(chunk))
-    summary = AuditSummary(len(todo) - errors, len(items) - len(todo), len(read_table(out, errors=True)),
-                           time.perf_counter() - start, {})
+    with tqdm(**shown, unit="image", disable=not progress or group.rank != 0) as bar:
+        for j in mine:  # batch j keeps the number one process would give it: none collide, the files are the same
+            errors += _audit_batch(out, first + j, chunks[j], loaded, settings, identity)
+            bar.update(len(chunks[j]))
+    busy = time.perf_counter() - start
+    group.barrier()
+    part = {"rank": group.rank, "images": share, "errors": errors, "seconds_busy": round(busy, 3),
+            "seconds_idle": round(time.perf_counter() - start - busy, 3)}
+    parts = group.gather(part)
+    if group.rank != 0:
+        return None
+    summary = AuditSummary(sum(p["images"] - p["errors"] for p in parts), len(items) - len(todo),
+                           len(read_table(out, errors=True)), time.perf_counter() - start, {}, parts)
+    _check_parts(out, identity)
     _finish(out, items, summary)
     import deepexplain_report  # here, not at the top: the report imports this module
     deepexplain_report.write_report(out, preprocessing=loaded.preprocessing)

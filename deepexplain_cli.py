@@ -117,6 +117,8 @@ def _audit(args: argparse.Namespace) -> None:
     values = {name: getattr(args, name) for name in de.SETTINGS}
     summary = audit.audit(args.source, args.out, model=args.model, weights=args.weights, preset=args.preset,
                           batch=args.batch, limit=args.limit, resume=args.resume, device=args.device, **values)
+    if summary is None:  # one of torchrun's ranks other than 0: rank 0 merges and reports
+        return
     print("\n".join([*summary.class_lines(), summary.line()]))
 
 
