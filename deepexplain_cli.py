@@ -119,7 +119,7 @@ def _audit(args: argparse.Namespace) -> None:
                           batch=args.batch, limit=args.limit, resume=args.resume, device=args.device, **values)
     if summary is None:  # one of torchrun's ranks other than 0: rank 0 merges and reports
         return
-    print("\n".join([*summary.class_lines(), summary.line()]))
+    print("\n".join([*summary.class_lines(), summary.line(), f"report: {Path(args.out) / 'report.html'}"]))
 
 
 def _explain_parser(commands) -> None:

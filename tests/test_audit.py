@@ -219,7 +219,8 @@ def test_bad_images_are_listed_with_their_reason_and_do_not_stop_the_audit(tmp_p
     out = tmp_path / "out"
     code = cli.main(["audit", str(source), "--model", "shapes", "--out", str(out), *QUICK_ARGS])
     assert code == 0
-    assert "4 errors" in capsys.readouterr().out.strip().splitlines()[-1]
+    *_, last, report = capsys.readouterr().out.strip().splitlines()
+    assert "4 errors" in last and report == f"report: {out / 'report.html'}" and (out / "report.html").is_file()
     errors = {r["path"]: r["reason"] for r in table(out / "errors.csv")}
     assert set(errors) == {"disk/truncated.png", "disk/text.jpg", "disk/empty.png", "disk/tiny.png"}
     assert "too small" in errors["disk/tiny.png"] and "empty" in errors["disk/empty.png"]
