@@ -25,7 +25,9 @@ the :class:`PhotoMapping` back to the photo) → :func:`load_model` and :func:`a
 :class:`MaskedPerturbationGenerator`) and :func:`optimize_perturbation` →
 :func:`difference_map`, :func:`sharpen`, :func:`crop_border`, :func:`dilate`,
 :func:`smooth`, :func:`center_of_mass` → plots (:func:`plot_panels`,
-:func:`plot_overlay`, :func:`plot_history`). Every setting is declared once, in
+:func:`plot_overlay`, :func:`plot_history`: the images in RGB, the map as
+relative importance in [0, 1]) and :meth:`Explanation.saliency_at`, the map at
+the original photo's size. Every setting is declared once, in
 the settings class of its stage (:class:`GeneratorSettings`,
 :class:`OptimizationSettings`, :class:`PostprocessingSettings`, together
 :class:`Settings`), with its presets (:data:`PRESETS`: ``"seed"`` the seed
@@ -89,8 +91,9 @@ __all__ = [
     "STOP_PROBABILITY", "STOP_IMPROVEMENT", "converged", "run_converged",
     "difference_map", "sharpen", "crop_border", "dilate", "smooth", "center_of_mass",
     "saliency_map", "Explanation", "explain", "explain_batch",
-    "with_postprocessing", "plot_panels", "plot_overlay", "plot_history", "plot_tensors",
-    "figure_to_png", "Panel", "generator_panel", "optimization_panel", "postprocessing_panel",
+    "with_postprocessing", "SALIENCY_CMAP", "IMPORTANCE_LABEL", "OVERLAY_MAX_SIDE", "relative_importance",
+    "plot_panels", "plot_overlay", "plot_history", "plot_tensors", "compact_figures",
+    "figure_to_png", "figure_to_jpeg", "Panel", "generator_panel", "optimization_panel", "postprocessing_panel",
     "save_outputs",
 ]
 
@@ -266,26 +269,46 @@ class PhotoMapping:
     resized: tuple[int, int]
     crop: tuple[int, int, int, int]
 
-    def crop_in_original(self) -> tuple[float, float, float, float]:
-        """(top, left, height, width) of the model's input in the original photo's pixels (floats)."""
-        sy, sx = self.original[0] / self.resized[0], self.original[1] / self.resized[1]
+    def crop_in_original(self, size: tuple[int, int] | None = None) -> tuple[float, float, float, float]:
+        """(top, left, height, width) of the model's input in the original photo's pixels (floats), or in
+        the pixels of the photo drawn at ``size`` = (height, width)."""
+        sy, sx = self._scale(size)
         top, left, height, width = self.crop
         return top * sy, left * sx, height * sy, width * sx
 
-    def to_original(self, saliency: np.ndarray, fill: float = np.nan) -> np.ndarray:
+    def point_to_original(self, point: tuple[float, float], size: tuple[int, int] | None = None
+                          ) -> tuple[float, float]:
+        """A (row, col) point of the model's input (pixel centers at whole numbers) in the original photo's
+        pixels, or in those of the photo drawn at ``size`` = (height, width)."""
+        top, left, height, width = self.crop_in_original(size)
+        row = top + (point[0] + 0.5) * height / self.crop[2] - 0.5
+        return row, left + (point[1] + 0.5) * width / self.crop[3] - 0.5
+
+    def to_original(self, saliency: np.ndarray, fill: float = np.nan,
+                    size: tuple[int, int] | None = None) -> np.ndarray:
         """An h×w map of the model's input placed back on the original photo: a float H0×W0 array
-        (H0×W0 = ``original``), bilinearly resized into the crop's box, ``fill`` outside it."""
+        (H0×W0 = ``original``, or ``size``: the photo drawn at another resolution), bilinearly resized into
+        the crop's box, ``fill`` outside it."""
         saliency = np.asarray(saliency, dtype=float)
         if saliency.ndim != 2:
             raise ValueError(f"a saliency map must be 2-D (h×w), got shape {saliency.shape}")
-        sy, sx = self.original[0] / self.resized[0], self.original[1] / self.resized[1]
+        size = self.original if size is None else tuple(int(n) for n in size)
+        sy, sx = self._scale(size)
         top, left, height, width = self.crop
         rows = slice(round(top * sy), round((top + height) * sy))
         cols = slice(round(left * sx), round((left + width) * sx))
-        out = np.full(self.original, fill, dtype=float)
+        out = np.full(size, fill, dtype=float)
         box = (rows.stop - rows.start, cols.stop - cols.start)
-        out[rows, cols] = transform.resize(saliency, box, order=1, anti_aliasing=False)
+        if min(box) > 0:
+            out[rows, cols] = transform.resize(saliency, box, order=1, anti_aliasing=False)
         return out
+
+    def _scale(self, size: tuple[int, int] | None) -> tuple[float, float]:
+        """Photo pixels (at ``size``, default ``original``) per pixel of the resized image, down and across."""
+        size = self.original if size is None else size
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f"size must be (height, width) in whole pixels, got {size}")
+        return size[0] / self.resized[0], size[1] / self.resized[1]
 
     def as_dict(self) -> dict:
         """JSON-ready: original and resized (height, width), crop (top, left, height, width)."""
@@ -1391,7 +1414,7 @@ class Explanation(OptimizationResult):
     ``predictions``: the model's top 5 for ``input``; ``settings``: every
     setting used; ``seed``: the random seed of the (first) generator;
     ``mapping``: where ``input`` (and so the map) lies in the original image
-    (``mapping.to_original(saliency)`` places the map back on it);
+    (:meth:`saliency_at` gives the map at the photo's resolution);
     ``runs_steps``/``runs_converged``: each run's steps and whether it converged
     (:attr:`converged`); the other optimization fields are the first run's.
     """
@@ -1432,6 +1455,36 @@ class Explanation(OptimizationResult):
             return f"{scores}, {where}, not converged: the loss was still falling; more --steps may change the map"
         seed = "" if self.settings == Settings.from_preset("seed") else " or --preset seed"
         return f"did not converge: {scores} in {steps} steps; try more --steps, a higher --lr{seed}"
+
+    def photo_mapping(self) -> PhotoMapping:
+        """``mapping``, or, for an explanation made without one, the identity (the input is the photo)."""
+        if self.mapping is not None:
+            return self.mapping
+        shape = tuple(self.saliency.shape)
+        return PhotoMapping(shape, shape, (0, 0, *shape))
+
+    def saliency_at(self, size: int | tuple[int, int] | None = None, fill: float = np.nan) -> np.ndarray:
+        """The saliency map at the original photo's resolution: a new float64 H×W array, ``saliency``'s
+        values (not rescaled) placed back where the model's input came from (:class:`PhotoMapping`).
+
+        ``size``: None for the photo's own (height, width) (``mapping.original``);
+        an int for the photo scaled so that its longest side has that many px
+        (aspect ratio kept); or (height, width). Stretch preprocessing used the
+        whole photo, so the map covers it all, stretched back to the photo's
+        aspect ratio; a resize + center crop saw only the crop, so outside the
+        crop's box the map is ``fill``: NaN by default (the model never saw those
+        pixels — ``np.nanmax`` and friends skip them), or pass ``fill=0.0``.
+        :func:`relative_importance` scales the result to [0, 1].
+        """
+        mapping = self.photo_mapping()
+        if size is None:
+            size = mapping.original
+        elif isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+            if size < 1:
+                raise ValueError(f"size must be a positive number of pixels, got {size}")
+            scale = size / max(mapping.original)
+            size = tuple(max(1, round(n * scale)) for n in mapping.original)
+        return mapping.to_original(self.saliency, fill=fill, size=size)
 
     @property
     def hyperparameters(self) -> dict:
@@ -1605,57 +1658,200 @@ def with_postprocessing(explanation: Explanation, settings: PostprocessingSettin
 
 # --------------------------------------------------------------------------- plots
 
-def _new_axes(ax, ncols: int = 1, width: float = 5.0):
+#: The colour map of every saliency figure: :func:`plot_panels`, :func:`plot_overlay`, the command line's
+#: PNGs and the widget panels.
+SALIENCY_CMAP = "turbo"
+#: The label of every saliency figure's colour bar: the map divided by its peak, so 1 marks the most important
+#: pixel and 0 one that did not matter.
+IMPORTANCE_LABEL = "relative importance"
+#: The longest side, in pixels, of a photo drawn under its map (:func:`plot_overlay` with ``image=``).
+OVERLAY_MAX_SIDE = 1024
+
+
+def relative_importance(saliency: np.ndarray) -> np.ndarray:
+    """A map divided by its peak: a new float array in [0, 1] (1 at the maximum; all zeros for an all-zero
+    map), NaN where ``saliency`` is NaN (outside the model's input, :meth:`Explanation.saliency_at`)."""
+    saliency = np.asarray(saliency, dtype=float)
+    peak = np.nanmax(saliency) if np.isfinite(saliency).any() else 0.0
+    return saliency / peak if peak > 0 else np.where(np.isnan(saliency), np.nan, 0.0)
+
+
+def _new_axes(ax, ncols: int = 1, width: float = 4.0, height: float | None = None):
     """The given axes (one or a sequence) with their figure, or a new figure with ``ncols`` axes."""
     if ax is None:
-        fig, ax = plt.subplots(ncols=ncols, figsize=(width * ncols, width))
+        fig, ax = plt.subplots(ncols=ncols, figsize=(width * ncols, width if height is None else height))
         return fig, ax
     first = ax[0] if isinstance(ax, (list, tuple, np.ndarray)) else ax
     return first.figure, ax
 
 
-def _mark_center(ax, com: tuple[float, float] | None) -> None:
-    """Draw the center of mass, given as (row, col), at matplotlib's (x=col, y=row)."""
+def _score(p: float) -> str:
+    """A probability in two significant digits: 0.98, 0.021, 0.0031, 4.2e-05."""
+    return f"{p:.2g}"
+
+
+def _scores_title(explanation: Explanation) -> str:
+    """"star: 0.98 → 0.021": the class and its probability before → after the perturbation."""
+    return f"{explanation.label}: {_score(explanation.original_score)} → {_score(explanation.perturbed_score)}"
+
+
+def _outline(ax, mask: np.ndarray | None) -> None:
+    """The object's outline (a white line on a dark edge, visible on any colour) where ``mask`` is known."""
+    if mask is not None and np.asarray(mask).any() and not np.asarray(mask).all():
+        ax.contour(np.asarray(mask, dtype=float), levels=[0.5], colors="white", linewidths=1.4,
+                   path_effects=[_stroke()])
+
+
+def _stroke():
+    from matplotlib import patheffects
+
+    return patheffects.withStroke(linewidth=3, foreground="black")
+
+
+def _mark_center(ax, com: tuple[float, float] | None, size: float = 11) -> None:
+    """Draw the center of mass, given as (row, col), at matplotlib's (x=col, y=row): a white × edged in black."""
     if com is not None:
-        ax.plot(com[1], com[0], "rx", markersize=12, mew=2, label="center of mass")
-        ax.legend(loc="lower right", fontsize="small")
+        ax.plot(com[1], com[0], "X", markersize=size, markerfacecolor="white", markeredgecolor="black",
+                markeredgewidth=1.2, linestyle="none", label="center of mass")
 
 
-def plot_panels(explanation: Explanation, axes=None) -> plt.Figure:
-    """The seed's three panels: processed image, perturbed image, differences (a masked generator's
-    mask) with the center of mass.
+def _legend(ax, with_outline: bool) -> None:
+    """A small legend for the marks: the center of mass, and the outline where one is drawn."""
+    from matplotlib.lines import Line2D
 
-    The first two show the channel mean of the normalized tensors (as the seed
-    does); the third the saliency map. ``axes``: three matplotlib axes, or None
-    for a new figure. Returns the figure.
+    handles = [h for h in ax.get_lines() if h.get_label() == "center of mass"]
+    if with_outline:
+        handles.append(Line2D([], [], color="white", linewidth=1.4, path_effects=[_stroke()], label="object"))
+    if handles:
+        ax.legend(handles=handles, loc="lower right", fontsize="x-small", framealpha=0.7)
+
+
+def _grey(image: np.ndarray) -> np.ndarray:
+    """An H×W×3 image (uint8, or floats in [0, 1]) as its luminance in [0.15, 0.85]: a backdrop that shows
+    the scene without competing with the map's colours."""
+    rgb = np.asarray(image, dtype=float) / (255.0 if np.asarray(image).dtype == np.uint8 else 1.0)
+    return 0.15 + 0.7 * np.clip(rgb[..., :3] @ np.array([0.299, 0.587, 0.114]), 0.0, 1.0)
+
+
+def _draw_importance(ax, image: np.ndarray, heat: np.ndarray, *, alpha: float, cmap: str) -> object:
+    """``image`` (H×W×3 in [0, 1] or uint8) in grey with ``heat`` (H×W relative importance in [0, 1], NaN:
+    no map) over it in colour. The map's opacity grows with the importance, up to ``alpha`` at 1, so that
+    unimportant pixels show the scene; a colour bar labelled :data:`IMPORTANCE_LABEL`. Returns the map's
+    AxesImage."""
+    ax.imshow(_grey(image), cmap="gray", vmin=0.0, vmax=1.0)
+    opacity = alpha * np.sqrt(np.clip(np.nan_to_num(heat, nan=0.0), 0.0, 1.0))
+    shown = ax.imshow(heat, cmap=cmap, vmin=0.0, vmax=1.0, alpha=opacity, interpolation="nearest")
+    from mpl_toolkits.axes_grid1 import make_axes_locatable
+
+    bar_ax = make_axes_locatable(ax).append_axes("right", size="4.5%", pad=0.06)  # as tall as the image
+    bar = ax.figure.colorbar(shown, cax=bar_ax, ticks=[0, 0.5, 1])
+    bar.set_label(IMPORTANCE_LABEL)
+    bar.solids.set_alpha(1.0)
+    ax.set_xticks([]), ax.set_yticks([])
+    return shown
+
+
+def plot_panels(explanation: Explanation, axes=None, *, mask: np.ndarray | None = None,
+                alpha: float = 0.85, cmap: str = SALIENCY_CMAP) -> plt.Figure:
+    """Three panels: the input as the model sees it, the perturbed input, and where it mattered.
+
+    The first two are RGB images in [0, 1], de-normalized with the explanation's
+    :class:`Preprocessing` (``to_image``): for a stretch model the whole photo
+    squeezed to the input size, for a crop model the center crop. The third is
+    the saliency map as relative importance (divided by its peak, so in [0, 1],
+    colour bar :data:`IMPORTANCE_LABEL`) over the input, with its center of
+    mass (white ×) and, given ``mask`` (an H×W boolean array at the input's
+    size, True on the object), the object's outline. The title names the class
+    and its probability before → after the perturbation. ``axes``: three
+    matplotlib axes, or None for a new figure. Returns the figure.
     """
-    fig, axes = _new_axes(axes, ncols=3)
-    panels = [(channel_mean(explanation.input), "processed image", "viridis"),
-              (channel_mean(explanation.perturbed), "perturbed image", "viridis"),
-              (explanation.saliency, "mask (where it perturbed)" if explanation.mask is not None
-               else f"differences (power {explanation.settings.postprocessing.power:g})", "Greys")]
-    for ax, (data, title, cmap) in zip(axes, panels):
-        fig.colorbar(ax.imshow(data, cmap=cmap), ax=ax, fraction=0.046)
-        ax.set_title(title)
+    fig, axes = _new_axes(axes, ncols=3, width=3.6, height=3.9)
+    image, perturbed = (explanation.preprocessing.to_image(t) for t in (explanation.input, explanation.perturbed))
+    h, w = image.shape[:2]
+    axes[0].imshow(image)
+    axes[0].set_title(f"input ({h}×{w}): {_score(explanation.original_score)}", fontsize="medium")
+    axes[1].imshow(perturbed)
+    axes[1].set_title(f"perturbed: {_score(explanation.perturbed_score)}", fontsize="medium")
+    what = "where it perturbed (mask)" if explanation.mask is not None else "where it changed the image"
+    _draw_importance(axes[2], image, relative_importance(explanation.saliency), alpha=alpha, cmap=cmap)
+    axes[2].set_title(what, fontsize="medium")
+    for ax in axes[:2]:
+        ax.set_xticks([]), ax.set_yticks([])
+    for ax in (axes[0], axes[2]):
+        _outline(ax, mask)
     _mark_center(axes[2], explanation.center_of_mass)
-    fig.suptitle(f"{explanation.model_name}: {explanation.label} "
-                 f"{explanation.original_score:.3f} → {explanation.perturbed_score:.2e}")
+    _legend(axes[2], mask is not None)
+    fig.suptitle(f"{explanation.model_name} · {_scores_title(explanation)} (probability before → after)")
     fig.tight_layout()
     return fig
 
 
-def plot_overlay(explanation: Explanation, ax=None, alpha: float = 0.5, cmap: str = "jet") -> plt.Figure:
-    """The saliency map (scaled to [0, 1]) as a heat map over the original image; returns the figure."""
-    fig, ax = _new_axes(ax)
-    ax.imshow(explanation.preprocessing.to_image(explanation.input))
-    peak = explanation.saliency.max()
-    heat = explanation.saliency / peak if peak > 0 else explanation.saliency
-    fig.colorbar(ax.imshow(heat, cmap=cmap, alpha=alpha, vmin=0, vmax=1), ax=ax, fraction=0.046,
-                 label="saliency (scaled)")
-    _mark_center(ax, explanation.center_of_mass)
-    ax.set_title(f"where the model sees '{explanation.label}'")
-    ax.axis("off")
+def plot_overlay(explanation: Explanation, ax=None, alpha: float = 0.85, cmap: str = SALIENCY_CMAP, *,
+                 image: str | os.PathLike | np.ndarray | Image.Image | None = None,
+                 mask: np.ndarray | None = None, max_side: int | None = OVERLAY_MAX_SIDE) -> plt.Figure:
+    """The saliency map as relative importance in [0, 1] over the image; returns the figure.
+
+    Without ``image`` the map is drawn over the model's input (de-normalized
+    RGB). With ``image``, the original photo (anything :func:`read_image`
+    takes), the map is placed back where the model's input came from
+    (:meth:`Explanation.saliency_at`) and drawn over the whole photo, scaled so
+    that its longest side is at most ``max_side`` px (None: full size); a crop
+    model's input box is drawn dashed, and the photo outside it has no map.
+    The map's opacity grows with the importance, up to ``alpha``; the colour
+    bar reads :data:`IMPORTANCE_LABEL`. The center of mass is marked (white ×)
+    and ``mask`` (True on the object, at the input's size or, with ``image``,
+    at the photo's) is outlined. The title names the class and its probability
+    before → after the perturbation.
+    """
+    if image is None:
+        fig, ax = _new_axes(ax)
+        picture = explanation.preprocessing.to_image(explanation.input)
+        heat, com, box = relative_importance(explanation.saliency), explanation.center_of_mass, None
+    else:
+        photo = read_image(image)
+        size = _display_size(photo.shape[:2], max_side)
+        picture = photo if size == photo.shape[:2] else np.asarray(
+            Image.fromarray(photo).resize(size[::-1], Image.Resampling.LANCZOS))
+        mapping = explanation.photo_mapping()
+        if mapping.original != photo.shape[:2]:
+            raise ValueError(f"the explanation was made for a {mapping.original[0]}×{mapping.original[1]} "
+                             f"image, got one of {photo.shape[0]}×{photo.shape[1]}")
+        heat = relative_importance(explanation.saliency_at(size))
+        com = None if explanation.center_of_mass is None else mapping.point_to_original(explanation.center_of_mass,
+                                                                                        size)
+        box = None if mapping.crop[2:] == mapping.resized else mapping.crop_in_original(size)
+        if mask is not None and np.shape(mask) != size:
+            mask = _resized_mask(mask, size, mapping if np.shape(mask) == explanation.saliency.shape else None)
+        fig, ax = _new_axes(ax, width=6.0 * size[1] / max(size) + 0.8, height=6.0 * size[0] / max(size) + 0.5)
+    _draw_importance(ax, picture, heat, alpha=alpha, cmap=cmap)
+    if box is not None:
+        from matplotlib.patches import Rectangle
+
+        top, left, height, width = box
+        ax.add_patch(Rectangle((left - 0.5, top - 0.5), width, height, fill=False, edgecolor="white",
+                               linestyle="--", linewidth=1.2, path_effects=[_stroke()]))
+    _outline(ax, mask)
+    _mark_center(ax, com)
+    _legend(ax, mask is not None)
+    ax.set_title(f"{_scores_title(explanation)} ({explanation.model_name})")
     return fig
+
+
+def _display_size(shape: tuple[int, int], max_side: int | None) -> tuple[int, int]:
+    """(height, width) of ``shape`` scaled down so that its longest side is at most ``max_side``."""
+    if max_side is None or max(shape) <= max_side:
+        return tuple(int(n) for n in shape)
+    scale = max_side / max(shape)
+    return tuple(max(1, round(n * scale)) for n in shape)
+
+
+def _resized_mask(mask: np.ndarray, size: tuple[int, int], mapping: PhotoMapping | None) -> np.ndarray:
+    """A boolean mask at ``size``: one at the input's size placed like the map (``mapping``), or any other
+    one resized (nearest neighbour)."""
+    mask = np.asarray(mask, dtype=float)
+    if mapping is not None:
+        return np.nan_to_num(mapping.to_original(mask, fill=0.0, size=size)) >= 0.5
+    return transform.resize(mask, size, order=0, anti_aliasing=False) >= 0.5
 
 
 def plot_history(explanation: Explanation | OptimizationResult, ax=None) -> plt.Figure:
@@ -1675,22 +1871,57 @@ def plot_history(explanation: Explanation | OptimizationResult, ax=None) -> plt.
     return fig
 
 
-def plot_tensors(tensors: Mapping[str, torch.Tensor], axes=None) -> plt.Figure:
-    """Channel means of normalized 1×3×H×W tensors side by side, titled by their keys; returns the figure."""
-    fig, axes = _new_axes(axes, ncols=len(tensors))
+def plot_tensors(tensors: Mapping[str, torch.Tensor], axes=None, *,
+                 preprocessing: Preprocessing | None = None) -> plt.Figure:
+    """Normalized 1×3×H×W tensors side by side, titled by their keys; returns the figure.
+
+    Without ``preprocessing`` each shows its channel mean in false colour, with
+    a colour bar in normalized units (as the seed plots tensors); with it, each
+    is de-normalized (:meth:`Preprocessing.to_image`) and shown as the RGB image
+    it stands for (values outside [0, 1] clipped).
+    """
+    fig, axes = _new_axes(axes, ncols=len(tensors), width=3.6, height=3.4)
     for ax, (title, tensor) in zip(np.atleast_1d(axes), tensors.items()):
-        fig.colorbar(ax.imshow(channel_mean(tensor)), ax=ax, fraction=0.046)
-        ax.set_title(title)
+        if preprocessing is None:
+            fig.colorbar(ax.imshow(channel_mean(tensor)), ax=ax, fraction=0.046)
+        else:
+            ax.imshow(preprocessing.to_image(tensor))
+            ax.set_xticks([]), ax.set_yticks([])
+        ax.set_title(title, fontsize="medium")
     fig.tight_layout()
     return fig
 
 
 # --------------------------------------------------------------------------- widgets
 
+def compact_figures(quality: int = 80, dpi: int = 80) -> None:
+    """Show a notebook's matplotlib figures as JPEG of this ``quality`` at ``dpi`` (figure pixels per inch),
+    so that a notebook committed with its outputs stays small; outside IPython it does nothing."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    if get_ipython() is None:
+        return
+    from matplotlib_inline.backend_inline import set_matplotlib_formats
+
+    plt.rcParams["figure.dpi"] = dpi
+    set_matplotlib_formats("jpeg", pil_kwargs={"quality": quality})
+
+
 def figure_to_png(fig: plt.Figure) -> bytes:
     """Render a figure to PNG bytes (for an ``ipywidgets.Image``) and close it."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=72, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def figure_to_jpeg(fig: plt.Figure, quality: int = 80) -> bytes:
+    """Render a figure to JPEG bytes of this ``quality`` and close it: what the widget panels show (a panel's
+    image is saved with a notebook, and JPEG keeps photos and RGB panels several times smaller than PNG)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="jpeg", dpi=72, bbox_inches="tight", pil_kwargs={"quality": quality})
     plt.close(fig)
     return buffer.getvalue()
 
@@ -1754,22 +1985,25 @@ _GENERATOR_CONTROLS = ("kernel_size", "nblocks", "nlayers")
 
 
 def generator_panel(x: torch.Tensor, settings: GeneratorSettings | None = None, *, seed: int = 0,
-                    **values) -> Panel:
+                    preprocessing: Preprocessing | None = None, **values) -> Panel:
     """Sliders that rebuild an untrained generator and redraw, at once, what it does to ``x`` (1×3×H×W).
 
     The sliders start at ``settings`` (default: the seed preset's), with ``values`` changing some by name.
+    Both images are drawn as RGB, de-normalized with ``preprocessing`` (default: :class:`Preprocessing`'s
+    ImageNet statistics, which the embedded model shares).
     """
     import ipywidgets as widgets
 
     start = Settings(generator=_stage_settings(settings, GeneratorSettings, values))
     controls = _controls(start, _GENERATOR_CONTROLS)
-    image = widgets.Image(format="png")
+    image = widgets.Image(format="jpeg")
 
     def redraw(_=None):
         generator = make_generator(start.generator, seed=seed, **{name: c.value for name, c in controls.items()})
         with torch.no_grad():
             out = generator.to(x.device)(x)
-        image.value = figure_to_png(plot_tensors({"input": x, "untrained generator output": out}))
+        image.value = figure_to_jpeg(plot_tensors({"input": x, "untrained generator output": out},
+                                                 preprocessing=preprocessing or Preprocessing()))
 
     for control in controls.values():
         control.observe(redraw, names="value")
@@ -1794,7 +2028,7 @@ def optimization_panel(images: Mapping[str, object], model: str | nn.Module | Lo
                 **_controls(start, ("steps", "lr", "l1_coeff", *_GENERATOR_CONTROLS))}
     run = widgets.Button(description="Run", button_style="primary", icon="play")
     progress = widgets.IntProgress(value=0, min=0, max=start.optimization.steps, description="steps")
-    image = widgets.Image(format="png")
+    image = widgets.Image(format="jpeg")
     panel = Panel(widgets.VBox([widgets.HBox(list(controls.values())[:4]),
                                 widgets.HBox([*list(controls.values())[4:], run]), progress, image]),
                   controls, image, run, progress)
@@ -1805,7 +2039,7 @@ def optimization_panel(images: Mapping[str, object], model: str | nn.Module | Lo
         try:
             panel.result = explain(images[controls["image"].value], loaded, settings=chosen, seed=seed,
                                    verbose=False, callback=lambda step, _: setattr(progress, "value", step))
-            image.value = figure_to_png(plot_panels(panel.result))
+            image.value = figure_to_jpeg(plot_panels(panel.result))
         finally:
             run.disabled = False
 
@@ -1822,12 +2056,12 @@ def postprocessing_panel(explanation: Explanation, **values) -> Panel:
 
     start = explanation.settings.updated(**values)
     controls = _controls(start, [spec.name for spec in PostprocessingSettings.specs()])
-    image = widgets.Image(format="png")
+    image = widgets.Image(format="jpeg")
     panel = Panel(widgets.VBox([widgets.HBox(list(controls.values())), image]), controls, image)
 
     def redraw(_=None):
         panel.result = with_postprocessing(explanation, **{name: c.value for name, c in controls.items()})
-        image.value = figure_to_png(plot_panels(panel.result))
+        image.value = figure_to_jpeg(plot_panels(panel.result))
 
     for control in controls.values():
         control.observe(redraw, names="value")
@@ -1837,20 +2071,34 @@ def postprocessing_panel(explanation: Explanation, **values) -> Panel:
 
 # --------------------------------------------------------------------------- outputs
 
-def save_outputs(explanation: Explanation, out_dir: str | os.PathLike, stem: str) -> list[Path]:
-    """Write ``<stem>_explanation.png``, ``<stem>_saliency.npy`` and ``<stem>_summary.json`` whole
-    (all three or none: :func:`deepexplain_io.write_atomically`)."""
+def save_outputs(explanation: Explanation, out_dir: str | os.PathLike, stem: str, *,
+                 image: str | os.PathLike | np.ndarray | Image.Image | None = None,
+                 max_side: int = OVERLAY_MAX_SIDE) -> list[Path]:
+    """Write ``<stem>_explanation.png`` (:func:`plot_panels`, at the model's input size),
+    ``<stem>_saliency.npy`` (the map, float32 at the input size) and ``<stem>_summary.json``, and, given the
+    original ``image`` (anything :func:`read_image` takes), ``<stem>_overlay.png``: the map over the whole
+    photo at its own aspect ratio, its longest side at most ``max_side`` px (:func:`plot_overlay`). Written
+    whole, all or none (:func:`deepexplain_io.write_atomically`); returns the paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fig = plot_panels(explanation)
+    figures = [plot_panels(explanation)]
     summary = json.dumps(explanation.summary(), indent=2, allow_nan=False).encode()  # strict JSON: never NaN
     writers = {
-        out_dir / f"{stem}_explanation.png": lambda f: fig.savefig(f, format="png", dpi=100),
+        out_dir / f"{stem}_explanation.png": lambda f: figures[0].savefig(f, format="png", dpi=100),
         out_dir / f"{stem}_saliency.npy": lambda f: np.save(f, explanation.saliency.astype(np.float32)),
         out_dir / f"{stem}_summary.json": lambda f: f.write(summary),
     }
     try:
+        if image is not None:
+            photo = read_image(image)
+            figures.append(plot_overlay(explanation, image=photo, max_side=max_side))
+            shown = _display_size(photo.shape[:2], max_side)  # one figure pixel per shown photo pixel
+            width, height = figures[1].axes[0].get_position().size * figures[1].get_size_inches()
+            dpi = max(100.0, 1 / min(width / shown[1], height / shown[0]))  # small photos: readable text
+            writers[out_dir / f"{stem}_overlay.png"] = lambda f: figures[1].savefig(
+                f, format="png", dpi=dpi, bbox_inches="tight")
         write_atomically(writers)
     finally:
-        plt.close(fig)
+        for fig in figures:
+            plt.close(fig)
     return list(writers)

@@ -2,7 +2,8 @@
 
 Commands, each a function registered on its subparser with ``set_defaults(func=...)``:
 
-* ``explain IMAGE``: explain an image's top class and write the map, a figure and a JSON summary;
+* ``explain IMAGE``: explain an image's top class and write the map, the panels, the map over the whole photo
+  and a JSON summary;
 * ``train``: train the embedded shapes model (or the planted-shortcut one);
 * ``evaluate``: score every explanation method on the embedded scenes (:mod:`deepexplain_eval`);
 * ``bench``: time the seed preset against the fast configuration (:mod:`deepexplain_bench`);
@@ -80,7 +81,7 @@ def _explain(args: argparse.Namespace) -> None:
     values = {name: getattr(args, name) for name in de.SETTINGS}
     result = de.explain(args.image, args.model, preset=args.preset, target=args.target, seed=args.seed,
                         device=args.device, weights_path=args.weights, **values)  # prints result.result_line()
-    for path in de.save_outputs(result, args.out, Path(args.image).stem):
+    for path in de.save_outputs(result, args.out, Path(args.image).stem, image=args.image):
         print(f"wrote {path}")
 
 

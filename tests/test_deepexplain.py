@@ -381,6 +381,158 @@ def test_plots_return_figures_and_mark_center_at_x_col_y_row(explanation):
     plt.close("all")
 
 
+def _map_image(ax):
+    """The map layer of a saliency panel: the last image drawn on it."""
+    return ax.images[-1]
+
+
+def test_panels_show_the_rgb_images_and_the_map_as_relative_importance(explanation, sample):
+    import matplotlib.pyplot as plt
+
+    fig = de.plot_panels(explanation, mask=sample.mask)
+    inputs, perturbed, saliency = fig.axes[:3]
+    # the first two panels: the images as the user knows them, RGB de-normalized with the model's mean and std
+    rgb = explanation.preprocessing.to_image(explanation.input)
+    assert rgb.shape == (224, 224, 3) and 0 <= rgb.min() and rgb.max() <= 1
+    np.testing.assert_allclose(inputs.images[0].get_array(), rgb)
+    np.testing.assert_allclose(perturbed.images[0].get_array(),
+                               explanation.preprocessing.to_image(explanation.perturbed))
+    # the map: divided by its peak, in [0, 1], on a 0-1 colour scale whose bar says what it means
+    heat = np.asarray(_map_image(saliency).get_array())
+    assert heat.shape == explanation.saliency.shape and heat.min() >= 0 and heat.max() == pytest.approx(1.0)
+    np.testing.assert_allclose(heat, explanation.saliency / explanation.saliency.max(), rtol=1e-6)
+    assert _map_image(saliency).get_clim() == (0.0, 1.0)
+    assert _map_image(saliency).colorbar.ax.get_ylabel() == de.IMPORTANCE_LABEL == "relative importance"
+    # class and scores in the title; the object's outline where a mask is given
+    title = fig.get_suptitle()
+    assert f"{explanation.label}: {explanation.original_score:.2g} → {explanation.perturbed_score:.2g}" in title
+    assert saliency.collections and inputs.collections  # the mask's contour
+    assert not perturbed.collections
+    plt.close("all")
+
+
+def test_overlay_and_widget_panels_share_the_look(explanation):
+    import matplotlib.pyplot as plt
+
+    fig = de.plot_overlay(explanation)
+    (ax, *_) = fig.axes
+    assert np.asarray(_map_image(ax).get_array()).max() == pytest.approx(1.0)
+    assert _map_image(ax).colorbar.ax.get_ylabel() == de.IMPORTANCE_LABEL
+    assert explanation.label in ax.get_title() and "→" in ax.get_title()
+    assert ax.lines[0].get_label() == "center of mass"
+    assert not ax.collections  # no mask, no outline
+    assert de.figure_to_jpeg(de.plot_panels(explanation))[:3] == b"\xff\xd8\xff"
+    plt.close("all")
+
+
+def test_relative_importance_is_the_map_over_its_peak():
+    np.testing.assert_allclose(de.relative_importance(np.array([[0.0, 2.0], [1.0, 4.0]])), [[0, 0.5], [0.25, 1]])
+    assert (de.relative_importance(np.zeros((3, 3))) == 0).all()
+    with_nan = de.relative_importance(np.array([[np.nan, 2.0], [1.0, 0.0]]))
+    assert np.isnan(with_nan[0, 0]) and np.nanmax(with_nan) == 1.0
+
+
+def _photo_with_spots(spots, shape=(180, 300)):
+    """A black photo, ``shape`` = (height, width), with white squares of 16 px whose (row, col) centers are
+    ``spots``."""
+    photo = np.zeros((*shape, 3), np.uint8)
+    for row, col in spots:
+        photo[row - 8:row + 8, col - 8:col + 8] = 255
+    return photo
+
+
+def _explained_as_itself(explanation, photo, preprocessing):
+    """``explanation`` with a map that is the brightness of ``photo`` as the model's input saw it (the spots'
+    pixels), so that placing the map back must bring each spot back where it is in the photo."""
+    x = preprocessing(photo)
+    saliency = preprocessing.to_image(x).mean(axis=2).astype(np.float32)
+    return de.Explanation(**{**vars(explanation), "input": x, "saliency": saliency, "preprocessing": preprocessing,
+                             "center_of_mass": de.center_of_mass(saliency),
+                             "mapping": preprocessing.mapping(photo)})
+
+
+def _center_of(mask):
+    rows, cols = np.nonzero(mask)
+    return rows.mean(), cols.mean()
+
+
+@pytest.mark.parametrize("preprocessing", [de.Preprocessing(), de.Preprocessing(resize=256)],
+                         ids=["stretch", "crop"])
+def test_saliency_at_places_the_hot_spot_where_it_is_in_a_non_square_photo(explanation, preprocessing):
+    spot = (60, 210)  # (row, col) in a 180×300 photo, inside the center crop (columns 71-228)
+    photo = _photo_with_spots([spot])
+    e = _explained_as_itself(explanation, photo, preprocessing)
+    at = e.saliency_at()
+    assert at.shape == (180, 300) and at.dtype == np.float64
+    row, col = _center_of(at >= 0.5 * np.nanmax(at))
+    assert row == pytest.approx(spot[0] - 0.5, abs=1.5) and col == pytest.approx(spot[1] - 0.5, abs=1.5)
+    # the center of mass, in the input's pixels, lands on the spot too
+    com = e.mapping.point_to_original(e.center_of_mass)
+    assert com == pytest.approx((spot[0] - 0.5, spot[1] - 0.5), abs=1.5)
+    # other sizes: the longest side as an int keeps the aspect ratio; (height, width) as given
+    half = e.saliency_at(150)
+    assert half.shape == (90, 150)
+    row, col = _center_of(half >= 0.5 * np.nanmax(half))
+    assert row == pytest.approx(spot[0] / 2 - 0.5, abs=1.5) and col == pytest.approx(spot[1] / 2 - 0.5, abs=1.5)
+    assert e.saliency_at((36, 60)).shape == (36, 60)
+    before = e.saliency.copy()
+    e.saliency_at(fill=0.0)
+    np.testing.assert_array_equal(e.saliency, before)  # the stored map is not changed
+
+
+def test_saliency_at_fills_what_the_crop_left_out(explanation):
+    outside, inside = (90, 30), (90, 150)
+    photo = _photo_with_spots([outside, inside])
+    crop = _explained_as_itself(explanation, photo, de.Preprocessing(resize=256))
+    # 180×300 → 256×426, whose center 224×224 is rows 11.25-168.75 and columns 71.1-228.9 of the photo
+    assert crop.mapping.crop_in_original() == pytest.approx((11.25, 71.13, 157.5, 157.75), abs=0.01)
+    at = crop.saliency_at()
+    assert np.isfinite(at[12:168, 72:228]).all() and np.isnan(at[:, :70]).all() and np.isnan(at[:, 230:]).all()
+    assert np.isnan(at[:10]).all() and np.isnan(at[170:]).all()
+    zero = crop.saliency_at(fill=0.0)
+    assert (zero[:, :70] == 0).all() and np.isfinite(zero).all()
+    # the stretch used the whole photo: both spots come back, and nothing is missing
+    stretch = _explained_as_itself(explanation, photo, de.Preprocessing())
+    at = stretch.saliency_at()
+    assert np.isfinite(at).all() and at[outside] > 0.5 and at[inside] > 0.5 and at[90, 90] < 0.1
+
+
+def test_saliency_at_without_a_mapping_is_the_map_itself(explanation):
+    from dataclasses import replace
+
+    bare = replace(explanation, mapping=None)
+    np.testing.assert_allclose(bare.saliency_at(), explanation.saliency, rtol=1e-6)
+    with pytest.raises(ValueError, match="size"):
+        bare.saliency_at(0)
+
+
+@pytest.mark.parametrize("preprocessing", [de.Preprocessing(), de.Preprocessing(resize=256)],
+                         ids=["stretch", "crop"])
+def test_overlay_on_the_original_photo_draws_it_whole_with_the_map_in_place(explanation, preprocessing):
+    import matplotlib.pyplot as plt
+
+    spot = (60, 210)
+    photo = _photo_with_spots([spot])
+    e = _explained_as_itself(explanation, photo, preprocessing)
+    mask = np.zeros(photo.shape[:2], bool)
+    mask[52:68, 202:218] = True
+    fig = de.plot_overlay(e, image=photo, mask=mask)
+    ax = fig.axes[0]
+    assert ax.images[0].get_array().shape[:2] == (180, 300)  # the photo, at its own aspect ratio
+    heat = np.asarray(_map_image(ax).get_array())
+    assert heat.shape == (180, 300) and np.nanmax(heat) == pytest.approx(1.0)
+    assert np.isnan(heat[:, 0]).all() == (preprocessing.mode == "crop")
+    marker = ax.lines[0]
+    assert (marker.get_ydata()[0], marker.get_xdata()[0]) == pytest.approx((spot[0] - 0.5, spot[1] - 0.5), abs=1.5)
+    assert ax.collections  # the mask's outline
+    assert len(ax.patches) == (preprocessing.mode == "crop")  # the crop's box, dashed
+    small = de.plot_overlay(e, image=photo, max_side=100).axes[0]
+    assert small.images[0].get_array().shape[:2] == (60, 100)
+    with pytest.raises(ValueError, match="180×300"):
+        de.plot_overlay(e, image=photo[:100])
+    plt.close("all")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_explain_on_cuda_matches_cpu(sample, explanation):
     e = de.explain(sample.image, "shapes", device="cuda", steps=FEW_STEPS, verbose=False)
@@ -451,14 +603,14 @@ def test_unavailable_cuda_is_a_clear_error(monkeypatch):
 
 # --------------------------------------------------------------------------- command line
 
-def test_cli_writes_three_files_with_documented_keys(tmp_path, capsys):
+def test_cli_writes_four_files_with_documented_keys(tmp_path, capsys):
     image = scenes.SAMPLES_DIR / f"{scenes.CLASS_NAMES[1]}.png"
     code = cli.main(["explain", str(image), "--model", "shapes", "--steps", "5", "--dilation", "10",
                     "--device", "cpu", "--out", str(tmp_path)])
     assert code == 0
     stem = image.stem
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [f"{stem}_explanation.png", f"{stem}_saliency.npy", f"{stem}_summary.json"])
+        [f"{stem}_explanation.png", f"{stem}_overlay.png", f"{stem}_saliency.npy", f"{stem}_summary.json"])
     summary = json.loads((tmp_path / f"{stem}_summary.json").read_text())
     for key in ("model", "target", "label", "original_score", "perturbed_score", "center_of_mass",
                 "steps_run", "seconds", *de.DEFAULTS):
@@ -495,6 +647,20 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, me
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1 and "Traceback" not in err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_cli_overlays_the_map_on_the_original_photo(tmp_path):
+    photo = tmp_path / "wide.png"
+    Image.fromarray(_photo_with_spots([(90, 150)], shape=(180, 300))).save(photo)
+    big = tmp_path / "big.png"
+    Image.fromarray(_photo_with_spots([(600, 1200)], shape=(1200, 2000))).save(big)
+    for image in (photo, big):
+        assert cli.main(["explain", str(image), "--model", "shapes", "--steps", "2", "--device", "cpu",
+                         "--out", str(tmp_path / "out")]) == 0
+    panels = Image.open(tmp_path / "out" / "wide_explanation.png").size
+    wide, large = (Image.open(tmp_path / "out" / f"{stem}_overlay.png").size for stem in ("wide", "big"))
+    assert wide[0] > wide[1] and large[0] > large[1]  # the photo's landscape shape, not the model's square
+    assert large[0] < 1024 * 1.5 and panels[0] > 500  # capped near 1024 px (plus the colour bar)
 
 
 def test_cli_leaves_no_partial_file_when_writing_fails(tmp_path, monkeypatch, explanation):

@@ -48,6 +48,25 @@ def test_notebook_is_a_committed_tutorial(path):
     assert not re.search(r"/root/|/work/|/tmp/|/home/", text)  # no machine-specific paths
 
 
+def test_notebooks_together_weigh_under_3_mb():
+    sizes = {path.name: len(committed(path).encode()) for path in NOTEBOOKS}
+    assert sum(sizes.values()) < 3_000_000, sizes  # figures as JPEG (de.compact_figures), not PNG
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_parameters_parse_without_papermill_warnings(path, caplog):
+    """Only literals in the parameters cell (an expression there makes papermill warn "Unable to parse line"):
+    ``smoke = None`` there, and the next code cell turns None into "is CI set?"."""
+    with caplog.at_level("WARNING", logger="papermill"):
+        parameters = papermill.inspect_notebook(str(path))
+    assert not [r for r in caplog.records if "Unable to parse" in r.getMessage()]
+    assert parameters["smoke"]["default"] == "None"
+    nb = nbformat.read(path, as_version=4)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    (index,) = [i for i, cell in enumerate(code) if "parameters" in cell.metadata.get("tags", [])]
+    assert re.search(r'^if smoke is None:.*\n    smoke = "CI" in os\.environ$', code[index + 1].source, re.M)
+
+
 def test_00_overview(tmp_path):
     summary = run("00_overview.ipynb", tmp_path)
     assert summary["perturbed_score"] < summary["original_score"]
