@@ -341,11 +341,12 @@ def test_the_cli_audit_of_a_folder_fills_correct_from_imagefolder_labels(tmp_pat
     out = tmp_path / "out"
     assert cli.main(["audit", str(source), "--model", "shapes", "--out", str(out), "--limit", "1",
                      *QUICK_ARGS]) == 0
-    lines = capsys.readouterr().out.rstrip().splitlines()
-    assert lines[-1].startswith("audit: 1 images explained, 0 skipped as done, 0 errors, ")
+    *_, class_line, last, report = capsys.readouterr().out.rstrip().splitlines()
+    assert last.startswith("audit: 1 images explained, 0 skipped as done, 0 errors, ")
+    assert report == f"report: {out / 'report.html'}"
     rows = table(out / "audit.csv")
-    assert lines[-2].startswith(f"  {rows[0]['target_label']}: 1 images, border share ")
-    assert ", consistency 1.00, lift " in lines[-2] and ", not flagged: window at row " in lines[-2]
+    assert class_line.startswith(f"  {rows[0]['target_label']}: 1 images, border share ")
+    assert ", consistency 1.00, lift " in class_line and ", not flagged: window at row " in class_line
     assert (out / "report.html").is_file() and (out / "report" / "image_00000.jpg").is_file()  # from the file
     assert len(rows) == 1 and rows[0]["correct"] == str(int(rows[0]["predicted_label"] == rows[0]["true_label"]))
 

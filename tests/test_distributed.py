@@ -62,7 +62,9 @@ def test_two_ranks_write_the_same_audit_as_one_process(tmp_path, reference):
     assert_same_audit(out, reference)  # the table but for `seconds`, and the maps exactly
     assert sorted(p.name for p in (out / "batches").glob("*.csv")) == sorted(
         p.name for p in (reference / "batches").glob("*.csv"))  # the same batch files, too
-    assert run.stdout.strip().splitlines()[-1].startswith("audit: 8 images explained, 0 skipped as done, 0 errors")
+    *_, last, report = run.stdout.strip().splitlines()  # rank 0's lines only: the others print nothing
+    assert last.startswith("audit: 8 images explained, 0 skipped as done, 0 errors")
+    assert report == f"report: {out / 'report.html'}"
     summary = json.loads((out / "summary.json").read_text())
     assert [(r["rank"], r["images"]) for r in summary["ranks"]] == [(0, 4), (1, 4)]
     assert all(r["seconds_busy"] > 0 and r["seconds_idle"] >= 0 for r in summary["ranks"])
