@@ -1686,8 +1686,9 @@ def _new_axes(ax, ncols: int = 1, width: float = 4.0, height: float | None = Non
 
 
 def _score(p: float) -> str:
-    """A probability in two significant digits: 0.98, 0.021, 0.0031, 4.2e-05."""
-    return f"{p:.2g}"
+    """A probability in two decimals from 0.1 up (1.00, 0.98, 0.50), else in two significant digits (0.021,
+    0.0031, 4.2e-05)."""
+    return f"{p:.2f}" if p >= 0.1 else f"{p:.2g}"
 
 
 def _scores_title(explanation: Explanation) -> str:

@@ -405,7 +405,8 @@ def test_panels_show_the_rgb_images_and_the_map_as_relative_importance(explanati
     assert _map_image(saliency).colorbar.ax.get_ylabel() == de.IMPORTANCE_LABEL == "relative importance"
     # class and scores in the title; the object's outline where a mask is given
     title = fig.get_suptitle()
-    assert f"{explanation.label}: {explanation.original_score:.2g} → {explanation.perturbed_score:.2g}" in title
+    scores = [f"{p:.2f}" if p >= 0.1 else f"{p:.2g}" for p in (explanation.original_score, explanation.perturbed_score)]
+    assert f"{explanation.label}: {scores[0]} → {scores[1]}" in title
     assert saliency.collections and inputs.collections  # the mask's contour
     assert not perturbed.collections
     plt.close("all")
