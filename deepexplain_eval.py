@@ -611,19 +611,20 @@ def photo_files(folder: str | os.PathLike) -> list[str]:
 
 
 def photo_cases(loaded: de.LoadedModel, folder: str | os.PathLike, *, split: str = "all", first: int = 0,
-                limit: int | None = None) -> list[Case]:
+                every: int = 1, limit: int | None = None) -> list[Case]:
     """Photos of ``folder`` (:func:`photo_files`) prepared for ``loaded``: those of ``split``
-    (:data:`SPLITS`: all rows, the even rows or the odd ones), skipping the ``first`` of them, at most
-    ``limit``. Each Case's ``scene_id`` is the photo's row, its target the model's top class, its mask None.
+    (:data:`SPLITS`: all rows, the even rows or the odd ones), skipping the ``first`` of them, then every
+    ``every``-th one (a sample across a folder sorted by class), at most ``limit``. Each Case's
+    ``scene_id`` is the photo's row, its target the model's top class, its mask None.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    for name, value in (("first", first), ("limit", 1 if limit is None else limit)):
-        if int(value) != value or value < (0 if name == "first" else 1):
-            raise ValueError(f"{name} must be a whole number ≥ {0 if name == 'first' else 1}, got {value}")
+    for name, value, least in (("first", first, 0), ("every", every, 1), ("limit", 1 if limit is None else limit, 1)):
+        if isinstance(value, bool) or int(value) != value or value < least:
+            raise ValueError(f"{name} must be a whole number ≥ {least}, got {value}")
     rows = [(i, f) for i, f in enumerate(photo_files(folder))
             if split == "all" or i % 2 == (0 if split == "even" else 1)]
-    rows = rows[first:][:limit]
+    rows = rows[first::every][:limit]
     if not rows:
         raise ValueError(f"no photo left in {folder} for split {split!r} after skipping {first}")
     cases = []
@@ -729,7 +730,8 @@ def evaluate(n_scenes: int = 100, model: str | nn.Module | de.LoadedModel = "sha
 
 def evaluate_photos(folder: str | os.PathLike, model: str | nn.Module | de.LoadedModel = "mobilenet_v2",
                     methods: Sequence[str] | None = None, *, weights_path: str | os.PathLike | None = None,
-                    split: str = "all", first: int = 0, limit: int | None = None, steps: int | None = None,
+                    split: str = "all", first: int = 0, every: int = 1, limit: int | None = None,
+                    steps: int | None = None,
                     sanity_images: int = 2, curve_steps: int = 50, device: str | None = None,
                     progress: bool = True) -> EvaluationResult:
     """Explain real photos of ``folder`` (:func:`photo_cases`) for a real classifier and score each map's
@@ -748,7 +750,7 @@ def evaluate_photos(folder: str | os.PathLike, model: str | nn.Module | de.Loade
     if int(sanity_images) != sanity_images or sanity_images < 0:
         raise ValueError(f"sanity_images must be a whole number ≥ 0, got {sanity_images}")
     loaded = de.load_model(model, device=device, weights_path=weights_path)
-    cases = photo_cases(loaded, folder, split=split, first=first, limit=limit)
+    cases = photo_cases(loaded, folder, split=split, first=first, every=every, limit=limit)
     scores, kept = [], []
     for case in tqdm(cases, desc="photos", disable=not progress):
         maps, seconds = run_methods(loaded, case, methods, steps)
@@ -758,7 +760,7 @@ def evaluate_photos(folder: str | os.PathLike, model: str | nn.Module | de.Loade
         if len(kept) < sanity_images:
             kept.append(maps)
     result = EvaluationResult(scores, settings={
-        "kind": "photos", "folder": Path(folder).name, "split": split, "first": first, "limit": limit,
+        "kind": "photos", "folder": Path(folder).name, "split": split, "first": first, "every": every, "limit": limit,
         "n_photos": len(cases), "model": loaded.name, "preprocessing": loaded.preprocessing.describe(),
         "methods": methods, "steps": steps, "curve_steps": curve_steps, "device": str(loaded.device),
         "threads": torch.get_num_threads(), "machine": machine_name(loaded.device)})
@@ -911,7 +913,8 @@ def photo_report_markdown(result: EvaluationResult, command: str = "") -> str:
     steps = "their default step counts" if s["steps"] is None else f"{s['steps']} steps"
     split = {"all": "every photo", "even": "the even rows (tuning split)", "odd": "the odd rows (report split)"}
     parts = [f"## deepexplain evaluation on photos\n\n{s['n_photos']} photos of `{s['folder']}` "
-             f"({split[s['split']]}, skipping the first {s['first']}), model `{s['model']}`, input: "
+             f"({split[s['split']]}, skipping the first {s['first']}"
+             + (f", then every {s['every']}th" if s.get("every", 1) > 1 else "") + f"), model `{s['model']}`, input: "
              f"{s['preprocessing']}; target = the model's top class; {s['device']} ({s['threads']} threads, "
              f"{s['machine']}); optimizing methods at {steps}."
              + (f"\n\nReproduce: `{command}`" if command else ""),

@@ -183,12 +183,14 @@ def test_photo_cases_follow_the_list_and_the_split(shapes, photo_folder):
     assert [c.scene_id for c in odd] == [1, 3] and [c.name for c in odd] == [names[1], names[3]]
     even = ev.photo_cases(shapes, folder, split="even", first=1, limit=1)
     assert [c.scene_id for c in even] == [2]
+    assert [c.scene_id for c in ev.photo_cases(shapes, folder, first=1, every=2)] == [1, 3]
     case = even[0]
     assert case.mask is None and case.x.shape == (1, 3, 224, 224) and 0 <= case.target < 10
     (folder / "labels.csv").unlink()
     assert ev.photo_files(folder) == sorted(names)
     for kwargs, message in ((dict(split="train"), "split must be"), (dict(first=-1), "first must be"),
-                            (dict(limit=0), "limit must be"), (dict(first=9), "no photo left")):
+                            (dict(limit=0), "limit must be"), (dict(every=0), "every must be"),
+                            (dict(first=9), "no photo left")):
         with pytest.raises(ValueError, match=message):
             ev.photo_cases(shapes, folder, **kwargs)
     with pytest.raises(ValueError, match="not a folder"):
