@@ -77,7 +77,7 @@ __all__ = [
     "TIES", "faithfulness_scores", "RISE_MASKS", "rise", "SPLITS", "TUNING_SPLIT", "REPORT_SPLIT",
     "PHOTO_METRICS", "PHOTO_METHODS", "SCENE_METHODS", "MASKED_VARIANTS", "photo_files", "photo_cases", "evaluate_photos", "photo_table",
     "photo_report_markdown",
-    "plot_map", "plot_examples", "write_report", "REPORT_DIR",
+    "plot_map", "plot_examples", "plot_photo_maps", "write_report", "REPORT_DIR",
 ]
 
 #: Where the project's own full evaluation run is kept (``python deepexplain.py evaluate --out data/evaluation``).
@@ -988,6 +988,29 @@ def _marker_legend(fig: plt.Figure) -> None:
                       label="map's center of mass (the seed's marker)")]
     fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=6, frameon=True, facecolor="0.15",
                edgecolor="0.15", labelcolor="white", borderaxespad=0.2)
+
+
+def plot_photo_maps(loaded: de.LoadedModel, photos: Mapping[str, np.ndarray],
+                    methods: Sequence[str] = ("ours-masked", "grad-cam")) -> plt.Figure:
+    """Figure grid: one row per photo (name → uint8 H×W×3), the model's input (its crop, de-normalized) and
+    each method's map over it as relative importance (:func:`deepexplain.draw_importance`), for the model's
+    top class, named with its probability in the row's first title."""
+    fig, axes = plt.subplots(len(photos), len(methods) + 1, squeeze=False,
+                             figsize=(3.0 * (len(methods) + 1), 2.7 * len(photos)))
+    for row, (name, image) in zip(axes, photos.items()):
+        x = loaded.preprocessing(image, device=loaded.device)
+        probs = de.checked_probabilities(loaded, x)[0]
+        target = int(probs.argmax())
+        maps, _ = run_methods(loaded, Case(image, x, target, None, 0, name), methods)
+        shown = loaded.preprocessing.to_image(x)
+        row[0].imshow(shown)
+        row[0].set_title(f"{name}: {loaded.label(target)} {probs[target]:.2f}", fontsize=8)
+        row[0].set_xticks([]), row[0].set_yticks([])
+        for ax, method in zip(row[1:], methods):
+            de.draw_importance(ax, shown, de.relative_importance(maps[method]))
+            ax.set_title(method, fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def plot_examples(result: EvaluationResult) -> plt.Figure:

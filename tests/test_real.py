@@ -238,3 +238,11 @@ def test_real_photo_evaluation_smoke(tmp_path):
                                                        if not np.isnan(r["spearman"]))
     paths = ev.write_report(result, tmp_path)
     assert all(p.suffix in (".md", ".csv") for p in paths)
+
+
+def test_photo_maps_figure_has_a_row_per_photo_and_a_map_per_method(shapes, images):
+    fig = ev.plot_photo_maps(shapes, {"star": images[0], "disk": images[1]}, ["center", "grad-cam"])
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles[:3] == ["star: star 0.98", "center", "grad-cam"] and titles[3].startswith("disk: disk ")
+    colour_bars = [ax for ax in fig.axes if ax.get_ylabel() == de.IMPORTANCE_LABEL]
+    assert len(colour_bars) == 4  # one per map
