@@ -159,6 +159,44 @@ def test_rise_finds_the_region_the_model_reads_and_is_seeded(region_case):
         ev.rise(model, x, 0, n_masks=0)
 
 
+# --------------------------------------------------------------------------- extremal perturbation
+
+def test_extremal_perturbation_keeps_the_region_the_model_reads_and_is_seeded(region_case):
+    model, x, mask = region_case
+    saliency = ev.extremal_perturbation(model, x, 0, steps=40, seed=1)
+    assert saliency.shape == (224, 224) and np.isfinite(saliency).all()
+    assert saliency.min() >= 0 and saliency.max() <= 1
+    # only the region raises class 0's logit, so every area's mask keeps it: the region ranks first
+    assert saliency[mask].mean() > np.percentile(saliency[~mask], 90)
+    assert ev.pointing_hit(saliency, mask) and ev.energy_inside(saliency, mask) > 3 * mask.mean()
+    assert np.array_equal(saliency, ev.extremal_perturbation(model, x, 0, steps=40, seed=1))
+    assert not model.training and model.sharpness.requires_grad  # frozen only while it ran
+
+
+def test_extremal_perturbation_masks_keep_about_their_area(region_case):
+    model, x, mask = region_case
+    for area in (0.05, 0.2):
+        kept = ev.extremal_perturbation(model, x, 0, areas=(area,), steps=40)
+        assert kept.mean() == pytest.approx(area, abs=0.03)
+
+
+@pytest.mark.parametrize("options, message", [(dict(areas=(0.1, 1.0)), "areas in"), (dict(areas=(0.0,)), "areas in"),
+                                              (dict(areas=()), "areas in"), (dict(steps=0), "steps"),
+                                              (dict(steps=2.5), "steps")])
+def test_extremal_perturbation_rejects_bad_options(region_case, options, message):
+    model, x, _ = region_case
+    with pytest.raises(ValueError, match=message):
+        ev.extremal_perturbation(model, x, 0, **options)
+
+
+def test_extremal_perturbation_runs_as_a_method(shapes):
+    (case,) = ev.scene_cases(shapes, [ev.FIRST_SCENE_ID])
+    maps, seconds = ev.run_methods(shapes, case, ["extremal-perturbation"], steps=3)
+    assert set(maps) == {"extremal-perturbation"} and seconds["extremal-perturbation"] > 0
+    assert maps["extremal-perturbation"].shape == (224, 224) and np.isfinite(maps["extremal-perturbation"]).all()
+    assert "extremal-perturbation" in ev.PHOTO_METHODS and "extremal-perturbation" not in ev.SCENE_METHODS
+
+
 # --------------------------------------------------------------------------- photo evaluation
 
 @pytest.fixture
