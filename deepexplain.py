@@ -92,7 +92,7 @@ __all__ = [
     "difference_map", "sharpen", "crop_border", "dilate", "smooth", "center_of_mass",
     "saliency_map", "Explanation", "explain", "explain_batch",
     "with_postprocessing", "SALIENCY_CMAP", "IMPORTANCE_LABEL", "OVERLAY_MAX_SIDE", "relative_importance",
-    "plot_panels", "plot_overlay", "plot_history", "plot_tensors", "compact_figures",
+    "plot_panels", "plot_overlay", "draw_importance", "plot_history", "plot_tensors", "compact_figures",
     "figure_to_png", "figure_to_jpeg", "Panel", "generator_panel", "optimization_panel", "postprocessing_panel",
     "save_outputs",
 ]
@@ -1734,7 +1734,8 @@ def _grey(image: np.ndarray) -> np.ndarray:
     return 0.15 + 0.7 * np.clip(rgb[..., :3] @ np.array([0.299, 0.587, 0.114]), 0.0, 1.0)
 
 
-def _draw_importance(ax, image: np.ndarray, heat: np.ndarray, *, alpha: float, cmap: str) -> object:
+def draw_importance(ax, image: np.ndarray, heat: np.ndarray, *, alpha: float = 0.85,
+                    cmap: str = SALIENCY_CMAP) -> object:
     """``image`` (H×W×3 in [0, 1] or uint8) in grey with ``heat`` (H×W relative importance in [0, 1], NaN:
     no map) over it in colour. The map's opacity grows with the importance, up to ``alpha`` at 1, so that
     unimportant pixels show the scene; a colour bar labelled :data:`IMPORTANCE_LABEL`. Returns the map's
@@ -1774,7 +1775,7 @@ def plot_panels(explanation: Explanation, axes=None, *, mask: np.ndarray | None 
     axes[1].imshow(perturbed)
     axes[1].set_title(f"perturbed: {_score(explanation.perturbed_score)}", fontsize="medium")
     what = "where it perturbed (mask)" if explanation.mask is not None else "where it changed the image"
-    _draw_importance(axes[2], image, relative_importance(explanation.saliency), alpha=alpha, cmap=cmap)
+    draw_importance(axes[2], image, relative_importance(explanation.saliency), alpha=alpha, cmap=cmap)
     axes[2].set_title(what, fontsize="medium")
     for ax in axes[:2]:
         ax.set_xticks([]), ax.set_yticks([])
@@ -1824,7 +1825,7 @@ def plot_overlay(explanation: Explanation, ax=None, alpha: float = 0.85, cmap: s
         if mask is not None and np.shape(mask) != size:
             mask = _resized_mask(mask, size, mapping if np.shape(mask) == explanation.saliency.shape else None)
         fig, ax = _new_axes(ax, width=6.0 * size[1] / max(size) + 0.8, height=6.0 * size[0] / max(size) + 0.5)
-    _draw_importance(ax, picture, heat, alpha=alpha, cmap=cmap)
+    draw_importance(ax, picture, heat, alpha=alpha, cmap=cmap)
     if box is not None:
         from matplotlib.patches import Rectangle
 

@@ -97,7 +97,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     _check_output_folder(args.out)
     if args.images is not None:
         result = ev.evaluate_photos(args.images, args.model, args.methods, weights_path=args.weights,
-                                    split=args.split, first=args.first, limit=args.limit, steps=args.steps,
+                                    split=args.split, first=args.first, every=args.every, limit=args.limit,
+                                    steps=args.steps,
                                     sanity_images=2 if args.sanity_scenes is None else args.sanity_scenes,
                                     device=args.device)
     else:
@@ -190,6 +191,8 @@ def _evaluate_parser(commands) -> None:
                         help=f"photos of every row, of the even rows (tuning: {ev.TUNING_SPLIT}) or of the "
                              f"odd rows (report: {ev.REPORT_SPLIT}); default all")
     photos.add_argument("--first", type=int, default=0, help="skip this many photos of the split (default 0)")
+    photos.add_argument("--every", type=int, default=1,
+                        help="then take every Nth photo: a sample across a folder sorted by class (default 1)")
     photos.add_argument("--limit", type=int, help="explain at most this many photos (default all)")
     ev_.add_argument("--sanity-scenes", type=int,
                      help="scenes for the randomization check (default 5; with --images, photos, default 2)")

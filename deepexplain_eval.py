@@ -23,7 +23,8 @@ map goes through the same metrics:
 Methods: a random map, a centered Gaussian, Captum's Saliency,
 IntegratedGradients, Occlusion and LayerGradCam, Fong & Vedaldi's (2017)
 meaningful-perturbation mask (:func:`meaningful_perturbation`, written here),
-RISE (Petsiuk et al. 2018, :func:`rise`, written here), and deepexplain: the
+Fong, Patrick & Vedaldi's (2019) extremal perturbation (:func:`extremal_perturbation`, written
+here; photos only), RISE (Petsiuk et al. 2018, :func:`rise`, written here), and deepexplain: the
 seed preset plus variants of its post-processing (one optimization, several
 maps), the fast preset and the masked generator (with variants of its
 post-processing, ``ours-masked-variants``).
@@ -70,14 +71,14 @@ from deepexplain_io import csv_bytes, write_atomically
 __all__ = [
     "FIRST_SCENE_ID", "POINTING_TOLERANCE", "COM_TOLERANCE", "METHODS", "METRICS",
     "pointing_hit", "com_hit", "energy_inside", "blurred", "deletion_insertion_curves", "curve_auc",
-    "center_gaussian", "meaningful_perturbation", "gradcam_layer", "randomized_copy",
-    "rank_correlation", "mean_ci", "Case", "scene_cases", "run_methods", "score_map",
+    "center_gaussian", "meaningful_perturbation", "EXTREMAL_AREAS", "extremal_perturbation", "gradcam_layer",
+    "randomized_copy", "rank_correlation", "mean_ci", "Case", "scene_cases", "run_methods", "score_map",
     "EvaluationResult", "evaluate", "main_table", "sanity_table", "shortcut_table", "paired_differences",
     "comparison_table", "read_scores", "report_markdown",
     "TIES", "faithfulness_scores", "RISE_MASKS", "rise", "SPLITS", "TUNING_SPLIT", "REPORT_SPLIT",
     "PHOTO_METRICS", "PHOTO_METHODS", "SCENE_METHODS", "MASKED_VARIANTS", "photo_files", "photo_cases", "evaluate_photos", "photo_table",
     "photo_report_markdown",
-    "plot_map", "plot_examples", "write_report", "REPORT_DIR",
+    "plot_map", "plot_examples", "plot_photo_maps", "write_report", "REPORT_DIR",
 ]
 
 #: Where the project's own full evaluation run is kept (``python deepexplain.py evaluate --out data/evaluation``).
@@ -304,6 +305,87 @@ def meaningful_perturbation(model: nn.Module, x: torch.Tensor, target: int, *, s
     return (1 - m)[0, 0].cpu().numpy()
 
 
+#: Extremal perturbation's default areas: the fractions of the image its masks keep, one mask each.
+EXTREMAL_AREAS = (0.05, 0.1, 0.2)
+
+
+def _smooth_max_pool(grid: torch.Tensor, sigma: float, temperature: float) -> torch.Tensor:
+    """The smooth-max convolution of an N×1×h×w grid in [0, 1], N×1×h×w in [0, 1]: each cell becomes
+    the smooth maximum (softmax-weighted mean, temperature ``temperature``) of its neighbours' values
+    times a Gaussian g(d) = exp(−d²/2σ²) of their distance d in cells (g(0) = 1), within a
+    (2⌈2σ⌉ + 1)² window (cut there; cells beyond the border count as 0)."""
+    radius = max(1, int(np.ceil(2 * sigma)))
+    offsets = torch.arange(-radius, radius + 1, dtype=grid.dtype, device=grid.device)
+    kernel = torch.exp(-(offsets[:, None] ** 2 + offsets[None] ** 2) / (2 * sigma ** 2)).reshape(1, -1, 1)
+    n, _, h, w = grid.shape
+    weighted = nn.functional.unfold(grid, 2 * radius + 1, padding=radius) * kernel  # N×k²×(h·w)
+    pooled = (weighted * torch.softmax(weighted / temperature, dim=1)).sum(1)
+    return pooled.reshape(n, 1, h, w)
+
+
+def _area_targets(areas: Sequence[float], n_cells: int, device: torch.device) -> torch.Tensor:
+    """len(areas)×n_cells: each row the paper's r_a, sorted ascending, a fraction a of ones at the end."""
+    ones = [round(a * n_cells) for a in areas]
+    return torch.tensor([[0.0] * (n_cells - k) + [1.0] * k for k in ones], device=device)
+
+
+def extremal_perturbation(model: nn.Module, x: torch.Tensor, target: int, *,
+                          areas: Sequence[float] = EXTREMAL_AREAS, steps: int = 150, lr: float = 0.1,
+                          mask_size: int = 28, sigma: float = 2.5, temperature: float = 0.05,
+                          area_coeff: float = 10.0, area_growth: float = 1000.0, init_noise: float = 0.01,
+                          seed: int = 0) -> np.ndarray:
+    """Extremal perturbation (Fong, Patrick & Vedaldi 2019, "Understanding Deep Networks via Extremal
+    Perturbations and Smooth Masks", ICCV), the preservation game, as an H×W map in [0, 1] (1 = kept by
+    every mask): the mean over ``areas`` of the masks that keep a fraction a of the image each.
+
+    For each area a, a ``mask_size``² parameter grid m̄ ∈ [0, 1] becomes a smooth mask m by the
+    paper's smooth-max convolution (:func:`_smooth_max_pool`: Gaussian σ = ``sigma`` cells,
+    ``temperature``). The paper pools the parameter lattice straight onto the full-resolution mask;
+    here it is pooled on the grid, then upsampled bilinearly to H×W (a simplification, as smooth).
+    m blends the normalized ``x`` (1×3×H×W) with its :func:`blurred` copy, m·x + (1 − m)·blur(x)
+    (the paper blurs by a σ that varies with m). Adam (``lr``) maximizes the target's logit (the
+    pre-softmax score; the softmax saturates) minus λ·mean((vecsort(m) − r_a)²), the paper's ranking
+    regulariser on the grid's cells, r_a holding a fraction a of ones; λ grows geometrically from
+    ``area_coeff`` to ``area_coeff``·``area_growth`` over the ``steps``; m̄ is clamped to [0, 1]
+    after each step. All areas are one batch: each step is one forward pass of len(areas) images,
+    which costs about two single-image steps on a CPU, so the default 150 steps (the paper: 800)
+    cost about :func:`meaningful_perturbation`'s 300. The mean of the masks ranks the pixels of
+    the smallest area's mask first.
+
+    m̄ starts at 0.5 plus uniform noise of ±``init_noise`` seeded by ``seed``, so that the first
+    sort's ties (cells the target does not read) fall in a random order, not by position; the
+    global RNG is left alone. The model is frozen while it runs. Areas outside (0, 1) or fewer than
+    one step are a ValueError.
+    """
+    if not len(areas) or not all(0 < a < 1 for a in areas):
+        raise ValueError(f"extremal perturbation needs areas in (0, 1), got {tuple(areas)}")
+    for name, value in (("steps", steps), ("mask_size", mask_size)):
+        if int(value) != value or value < 1:
+            raise ValueError(f"extremal perturbation needs a whole number {name} ≥ 1, got {value}")
+    h, w = x.shape[-2:]
+    background = blurred(x)
+    noise = torch.rand(len(areas), 1, mask_size, mask_size, generator=torch.Generator().manual_seed(seed))
+    grid = (0.5 + init_noise * (2 * noise - 1)).to(x.device).requires_grad_()
+    reference = _area_targets(areas, mask_size * mask_size, x.device)
+    optimizer = torch.optim.Adam([grid], lr=lr)
+    with de.frozen(model):
+        for step in range(steps):
+            smooth = _smooth_max_pool(grid, sigma, temperature)
+            m = nn.functional.interpolate(smooth, size=(h, w), mode="bilinear", align_corners=False)
+            energy = model(x * m + background * (1 - m))[:, target].float().sum()
+            ranking = ((smooth.flatten(1).sort(dim=1).values - reference) ** 2).mean(1).sum()
+            weight = area_coeff * area_growth ** (step / max(steps - 1, 1))
+            optimizer.zero_grad(set_to_none=True)
+            (weight * ranking - energy).backward()
+            optimizer.step()
+            with torch.no_grad():
+                grid.clamp_(0, 1)
+        with torch.no_grad():
+            m = nn.functional.interpolate(_smooth_max_pool(grid, sigma, temperature), size=(h, w),
+                                          mode="bilinear", align_corners=False)
+    return m.mean(0)[0].clamp(0, 1).cpu().numpy()
+
+
 #: RISE's default number of random masks (the paper used 4000 for ResNet50; fewer is noisier, faster).
 RISE_MASKS = 1000
 
@@ -395,6 +477,12 @@ def _fong_vedaldi(loaded: de.LoadedModel, case: Case, steps) -> dict[str, np.nda
                                                     **({} if steps is None else {"steps": steps}))}
 
 
+def _extremal_perturbation(loaded: de.LoadedModel, case: Case, steps) -> dict[str, np.ndarray]:
+    """Extremal perturbation, default areas (``steps``, when given, replaces the default 150), seeded by the case."""
+    return {"extremal-perturbation": extremal_perturbation(loaded.model, case.x, case.target, seed=case.scene_id,
+                                                           **({} if steps is None else {"steps": steps}))}
+
+
 def _rise(loaded: de.LoadedModel, case: Case, steps) -> dict[str, np.ndarray]:
     """RISE with :data:`RISE_MASKS` masks (``steps``, when given, is the number of masks), seeded by the case."""
     return {"rise": rise(loaded.model, case.x, case.target, seed=case.scene_id,
@@ -456,13 +544,15 @@ def _explain_case(loaded: de.LoadedModel, case: Case, preset: str, steps: int | 
 METHODS: Mapping[str, Callable[[de.LoadedModel, Case, int | None], dict[str, np.ndarray]]] = {
     "random": _random, "center": _center, "saliency": _saliency,
     "integrated-gradients": _integrated_gradients, "occlusion": _occlusion, "grad-cam": _gradcam,
-    "fong-vedaldi": _fong_vedaldi, "rise": _rise, "ours": _ours, "ours-fast": _ours_fast, "ours-masked": _ours_masked,
+    "fong-vedaldi": _fong_vedaldi, "extremal-perturbation": _extremal_perturbation, "rise": _rise,
+    "ours": _ours, "ours-fast": _ours_fast, "ours-masked": _ours_masked,
     "ours-masked-variants": _ours_masked_variants,
 }
 
 
-#: The methods :func:`evaluate` runs by default: all but the masked preset's post-processing variants.
-SCENE_METHODS = tuple(m for m in METHODS if m != "ours-masked-variants")
+#: The methods :func:`evaluate` runs by default: all but the masked preset's post-processing variants
+#: and extremal perturbation (added after the scene report was made; it runs on photos).
+SCENE_METHODS = tuple(m for m in METHODS if m not in ("ours-masked-variants", "extremal-perturbation"))
 
 
 def run_methods(loaded: de.LoadedModel, case: Case, methods: Sequence[str],
@@ -587,7 +677,7 @@ PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 PHOTO_METRICS = ("deletion", "insertion", "deletion_pessimistic", "insertion_pessimistic")
 #: The methods a photo evaluation runs by default (``ours``, the seed preset's 1000 steps, is left out).
 PHOTO_METHODS = ("random", "center", "saliency", "integrated-gradients", "occlusion", "grad-cam", "rise",
-                 "fong-vedaldi", "ours-fast", "ours-masked")
+                 "fong-vedaldi", "extremal-perturbation", "ours-fast", "ours-masked")
 
 
 def photo_files(folder: str | os.PathLike) -> list[str]:
@@ -611,19 +701,20 @@ def photo_files(folder: str | os.PathLike) -> list[str]:
 
 
 def photo_cases(loaded: de.LoadedModel, folder: str | os.PathLike, *, split: str = "all", first: int = 0,
-                limit: int | None = None) -> list[Case]:
+                every: int = 1, limit: int | None = None) -> list[Case]:
     """Photos of ``folder`` (:func:`photo_files`) prepared for ``loaded``: those of ``split``
-    (:data:`SPLITS`: all rows, the even rows or the odd ones), skipping the ``first`` of them, at most
-    ``limit``. Each Case's ``scene_id`` is the photo's row, its target the model's top class, its mask None.
+    (:data:`SPLITS`: all rows, the even rows or the odd ones), skipping the ``first`` of them, then every
+    ``every``-th one (a sample across a folder sorted by class), at most ``limit``. Each Case's
+    ``scene_id`` is the photo's row, its target the model's top class, its mask None.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    for name, value in (("first", first), ("limit", 1 if limit is None else limit)):
-        if int(value) != value or value < (0 if name == "first" else 1):
-            raise ValueError(f"{name} must be a whole number ≥ {0 if name == 'first' else 1}, got {value}")
+    for name, value, least in (("first", first, 0), ("every", every, 1), ("limit", 1 if limit is None else limit, 1)):
+        if isinstance(value, bool) or int(value) != value or value < least:
+            raise ValueError(f"{name} must be a whole number ≥ {least}, got {value}")
     rows = [(i, f) for i, f in enumerate(photo_files(folder))
             if split == "all" or i % 2 == (0 if split == "even" else 1)]
-    rows = rows[first:][:limit]
+    rows = rows[first::every][:limit]
     if not rows:
         raise ValueError(f"no photo left in {folder} for split {split!r} after skipping {first}")
     cases = []
@@ -729,7 +820,8 @@ def evaluate(n_scenes: int = 100, model: str | nn.Module | de.LoadedModel = "sha
 
 def evaluate_photos(folder: str | os.PathLike, model: str | nn.Module | de.LoadedModel = "mobilenet_v2",
                     methods: Sequence[str] | None = None, *, weights_path: str | os.PathLike | None = None,
-                    split: str = "all", first: int = 0, limit: int | None = None, steps: int | None = None,
+                    split: str = "all", first: int = 0, every: int = 1, limit: int | None = None,
+                    steps: int | None = None,
                     sanity_images: int = 2, curve_steps: int = 50, device: str | None = None,
                     progress: bool = True) -> EvaluationResult:
     """Explain real photos of ``folder`` (:func:`photo_cases`) for a real classifier and score each map's
@@ -748,7 +840,7 @@ def evaluate_photos(folder: str | os.PathLike, model: str | nn.Module | de.Loade
     if int(sanity_images) != sanity_images or sanity_images < 0:
         raise ValueError(f"sanity_images must be a whole number ≥ 0, got {sanity_images}")
     loaded = de.load_model(model, device=device, weights_path=weights_path)
-    cases = photo_cases(loaded, folder, split=split, first=first, limit=limit)
+    cases = photo_cases(loaded, folder, split=split, first=first, every=every, limit=limit)
     scores, kept = [], []
     for case in tqdm(cases, desc="photos", disable=not progress):
         maps, seconds = run_methods(loaded, case, methods, steps)
@@ -758,7 +850,7 @@ def evaluate_photos(folder: str | os.PathLike, model: str | nn.Module | de.Loade
         if len(kept) < sanity_images:
             kept.append(maps)
     result = EvaluationResult(scores, settings={
-        "kind": "photos", "folder": Path(folder).name, "split": split, "first": first, "limit": limit,
+        "kind": "photos", "folder": Path(folder).name, "split": split, "first": first, "every": every, "limit": limit,
         "n_photos": len(cases), "model": loaded.name, "preprocessing": loaded.preprocessing.describe(),
         "methods": methods, "steps": steps, "curve_steps": curve_steps, "device": str(loaded.device),
         "threads": torch.get_num_threads(), "machine": machine_name(loaded.device)})
@@ -911,7 +1003,8 @@ def photo_report_markdown(result: EvaluationResult, command: str = "") -> str:
     steps = "their default step counts" if s["steps"] is None else f"{s['steps']} steps"
     split = {"all": "every photo", "even": "the even rows (tuning split)", "odd": "the odd rows (report split)"}
     parts = [f"## deepexplain evaluation on photos\n\n{s['n_photos']} photos of `{s['folder']}` "
-             f"({split[s['split']]}, skipping the first {s['first']}), model `{s['model']}`, input: "
+             f"({split[s['split']]}, skipping the first {s['first']}"
+             + (f", then every {s['every']}th" if s.get("every", 1) > 1 else "") + f"), model `{s['model']}`, input: "
              f"{s['preprocessing']}; target = the model's top class; {s['device']} ({s['threads']} threads, "
              f"{s['machine']}); optimizing methods at {steps}."
              + (f"\n\nReproduce: `{command}`" if command else ""),
@@ -985,6 +1078,29 @@ def _marker_legend(fig: plt.Figure) -> None:
                       label="map's center of mass (the seed's marker)")]
     fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=6, frameon=True, facecolor="0.15",
                edgecolor="0.15", labelcolor="white", borderaxespad=0.2)
+
+
+def plot_photo_maps(loaded: de.LoadedModel, photos: Mapping[str, np.ndarray],
+                    methods: Sequence[str] = ("ours-masked", "grad-cam")) -> plt.Figure:
+    """Figure grid: one row per photo (name → uint8 H×W×3), the model's input (its crop, de-normalized) and
+    each method's map over it as relative importance (:func:`deepexplain.draw_importance`), for the model's
+    top class, named with its probability in the row's first title."""
+    fig, axes = plt.subplots(len(photos), len(methods) + 1, squeeze=False,
+                             figsize=(3.0 * (len(methods) + 1), 2.7 * len(photos)))
+    for row, (name, image) in zip(axes, photos.items()):
+        x = loaded.preprocessing(image, device=loaded.device)
+        probs = de.checked_probabilities(loaded, x)[0]
+        target = int(probs.argmax())
+        maps, _ = run_methods(loaded, Case(image, x, target, None, 0, name), methods)
+        shown = loaded.preprocessing.to_image(x)
+        row[0].imshow(shown)
+        row[0].set_title(f"{name}: {loaded.label(target)} {probs[target]:.2f}", fontsize=8)
+        row[0].set_xticks([]), row[0].set_yticks([])
+        for ax, method in zip(row[1:], methods):
+            de.draw_importance(ax, shown, de.relative_importance(maps[method]))
+            ax.set_title(method, fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def plot_examples(result: EvaluationResult) -> plt.Figure:

@@ -159,6 +159,44 @@ def test_rise_finds_the_region_the_model_reads_and_is_seeded(region_case):
         ev.rise(model, x, 0, n_masks=0)
 
 
+# --------------------------------------------------------------------------- extremal perturbation
+
+def test_extremal_perturbation_keeps_the_region_the_model_reads_and_is_seeded(region_case):
+    model, x, mask = region_case
+    saliency = ev.extremal_perturbation(model, x, 0, steps=40, seed=1)
+    assert saliency.shape == (224, 224) and np.isfinite(saliency).all()
+    assert saliency.min() >= 0 and saliency.max() <= 1
+    # only the region raises class 0's logit, so every area's mask keeps it: the region ranks first
+    assert saliency[mask].mean() > np.percentile(saliency[~mask], 90)
+    assert ev.pointing_hit(saliency, mask) and ev.energy_inside(saliency, mask) > 3 * mask.mean()
+    assert np.array_equal(saliency, ev.extremal_perturbation(model, x, 0, steps=40, seed=1))
+    assert not model.training and model.sharpness.requires_grad  # frozen only while it ran
+
+
+def test_extremal_perturbation_masks_keep_about_their_area(region_case):
+    model, x, mask = region_case
+    for area in (0.05, 0.2):
+        kept = ev.extremal_perturbation(model, x, 0, areas=(area,), steps=40)
+        assert kept.mean() == pytest.approx(area, abs=0.03)
+
+
+@pytest.mark.parametrize("options, message", [(dict(areas=(0.1, 1.0)), "areas in"), (dict(areas=(0.0,)), "areas in"),
+                                              (dict(areas=()), "areas in"), (dict(steps=0), "steps"),
+                                              (dict(steps=2.5), "steps")])
+def test_extremal_perturbation_rejects_bad_options(region_case, options, message):
+    model, x, _ = region_case
+    with pytest.raises(ValueError, match=message):
+        ev.extremal_perturbation(model, x, 0, **options)
+
+
+def test_extremal_perturbation_runs_as_a_method(shapes):
+    (case,) = ev.scene_cases(shapes, [ev.FIRST_SCENE_ID])
+    maps, seconds = ev.run_methods(shapes, case, ["extremal-perturbation"], steps=3)
+    assert set(maps) == {"extremal-perturbation"} and seconds["extremal-perturbation"] > 0
+    assert maps["extremal-perturbation"].shape == (224, 224) and np.isfinite(maps["extremal-perturbation"]).all()
+    assert "extremal-perturbation" in ev.PHOTO_METHODS and "extremal-perturbation" not in ev.SCENE_METHODS
+
+
 # --------------------------------------------------------------------------- photo evaluation
 
 @pytest.fixture
@@ -183,12 +221,14 @@ def test_photo_cases_follow_the_list_and_the_split(shapes, photo_folder):
     assert [c.scene_id for c in odd] == [1, 3] and [c.name for c in odd] == [names[1], names[3]]
     even = ev.photo_cases(shapes, folder, split="even", first=1, limit=1)
     assert [c.scene_id for c in even] == [2]
+    assert [c.scene_id for c in ev.photo_cases(shapes, folder, first=1, every=2)] == [1, 3]
     case = even[0]
     assert case.mask is None and case.x.shape == (1, 3, 224, 224) and 0 <= case.target < 10
     (folder / "labels.csv").unlink()
     assert ev.photo_files(folder) == sorted(names)
     for kwargs, message in ((dict(split="train"), "split must be"), (dict(first=-1), "first must be"),
-                            (dict(limit=0), "limit must be"), (dict(first=9), "no photo left")):
+                            (dict(limit=0), "limit must be"), (dict(every=0), "every must be"),
+                            (dict(first=9), "no photo left")):
         with pytest.raises(ValueError, match=message):
             ev.photo_cases(shapes, folder, **kwargs)
     with pytest.raises(ValueError, match="not a folder"):
@@ -236,3 +276,11 @@ def test_real_photo_evaluation_smoke(tmp_path):
                                                        if not np.isnan(r["spearman"]))
     paths = ev.write_report(result, tmp_path)
     assert all(p.suffix in (".md", ".csv") for p in paths)
+
+
+def test_photo_maps_figure_has_a_row_per_photo_and_a_map_per_method(shapes, images):
+    fig = ev.plot_photo_maps(shapes, {"star": images[0], "disk": images[1]}, ["center", "grad-cam"])
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles[:3] == ["star: star 0.98", "center", "grad-cam"] and titles[3].startswith("disk: disk ")
+    colour_bars = [ax for ax in fig.axes if ax.get_ylabel() == de.IMPORTANCE_LABEL]
+    assert len(colour_bars) == 4  # one per map
