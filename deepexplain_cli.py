@@ -180,8 +180,8 @@ def _evaluate_parser(commands) -> None:
     ev_.add_argument("--model", default="shapes", help="the model to explain (default shapes)")
     ev_.add_argument("--weights", type=Path, help="a local state_dict file for the model's architecture")
     ev_.add_argument("--methods", nargs="+", metavar="METHOD",
-                     help=f"methods to run (default all: {' '.join(ev.METHODS)}; with --images: "
-                          f"{' '.join(ev.PHOTO_METHODS)})")
+                     help=f"methods to run, from: {' '.join(ev.METHODS)} (default: {' '.join(ev.SCENE_METHODS)}; "
+                          f"with --images: {' '.join(ev.PHOTO_METHODS)})")
     ev_.add_argument("--steps", type=int, help="override the optimizing methods' steps (quick runs)")
     photos = ev_.add_argument_group("photos (deletion/insertion only: photos have no ground truth)")
     photos.add_argument("--images", type=Path, metavar="DIR",
