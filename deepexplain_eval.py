@@ -1069,15 +1069,18 @@ def plot_map(saliency: np.ndarray, mask: np.ndarray, ax=None, title: str = "",
     return ax.figure
 
 
-def _marker_legend(fig: plt.Figure) -> None:
+def _marker_legend(fig: plt.Figure) -> float:
     """A legend under the figure for :func:`plot_map`'s marks: the object's outline, the maximum and the
-    center of mass (on a dark ground, as on the maps)."""
+    center of mass (on a dark ground, as on the maps); in one row on a figure at least 6 in wide, else one
+    mark per row. Returns the height it needs, in inches."""
+    ncol = 3 if fig.get_figwidth() >= 6 else 1
     handles = [Line2D([], [], color="cyan", linewidth=0.8, label="object (ground truth)"),
                Line2D([], [], linestyle="", marker="x", color="lime", label="map's maximum (pointing game)"),
                Line2D([], [], linestyle="", marker="+", color="white",
                       label="map's center of mass (the seed's marker)")]
-    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=6, frameon=True, facecolor="0.15",
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=6, frameon=True, facecolor="0.15",
                edgecolor="0.15", labelcolor="white", borderaxespad=0.2)
+    return 0.15 + 0.2 * (len(handles) // ncol)
 
 
 def plot_photo_maps(loaded: de.LoadedModel, photos: Mapping[str, np.ndarray],
@@ -1117,8 +1120,8 @@ def plot_examples(result: EvaluationResult) -> plt.Figure:
             plot_map(example["maps"][name], example["mask"], ax, marker_size=5)
     for ax, title in zip(axes[0], ["scene", *names]):
         ax.set_title(title, fontsize=7)
-    _marker_legend(fig)
-    fig.tight_layout(pad=0.3, rect=(0, 0.35 / fig.get_figheight(), 1, 1))  # room for the legend: 0.35 in
+    legend_height = _marker_legend(fig)
+    fig.tight_layout(pad=0.3, rect=(0, legend_height / fig.get_figheight(), 1, 1))  # room for the legend
     return fig
 
 

@@ -261,6 +261,19 @@ def test_the_grid_figure_has_a_legend_of_its_marks():
     plt.close(fig)
 
 
+@pytest.mark.parametrize("n_methods", [1, 8])
+def test_the_grid_legend_fits_inside_the_figure_and_below_the_maps(n_methods):
+    scene = scenes.make_scene(5)
+    maps = {f"m{i}": ev.center_gaussian((224, 224)) for i in range(n_methods)}
+    fig = ev.plot_examples(ev.EvaluationResult([], examples=[{"image": scene.image, "mask": scene.mask,
+                                                              "maps": maps}] * 2))
+    renderer = fig.canvas.get_renderer()
+    legend = fig.legends[0].get_window_extent(renderer)
+    assert fig.bbox.x0 <= legend.x0 and legend.x1 <= fig.bbox.x1  # no mark cut off at the sides
+    assert legend.y1 <= min(ax.get_window_extent(renderer).y0 for ax in fig.axes)  # under every map
+    plt.close(fig)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--methods", "nope"], "unknown method(s): nope"),
     (["--scenes", "0"], "n_scenes must be"),
