@@ -76,7 +76,8 @@ __all__ = [
     "EvaluationResult", "evaluate", "main_table", "sanity_table", "shortcut_table", "paired_differences",
     "comparison_table", "read_scores", "report_markdown",
     "TIES", "faithfulness_scores", "RISE_MASKS", "rise", "SPLITS", "TUNING_SPLIT", "REPORT_SPLIT",
-    "PHOTO_METRICS", "PHOTO_METHODS", "SCENE_METHODS", "MASKED_VARIANTS", "photo_files", "photo_cases", "evaluate_photos", "photo_table",
+    "PHOTO_METRICS", "PHOTO_METHODS", "SCENE_METHODS", "MASKED_VARIANTS", "photo_files", "photo_cases", "photo_case",
+    "evaluate_photos", "photo_table",
     "photo_report_markdown",
     "plot_map", "plot_examples", "plot_photo_maps", "write_report", "REPORT_DIR",
 ]
@@ -717,13 +718,14 @@ def photo_cases(loaded: de.LoadedModel, folder: str | os.PathLike, *, split: str
     rows = rows[first::every][:limit]
     if not rows:
         raise ValueError(f"no photo left in {folder} for split {split!r} after skipping {first}")
-    cases = []
-    for row, name in rows:
-        image = de.load_image(Path(folder) / name)
-        x = loaded.preprocessing(image, device=loaded.device)
-        target = int(de.checked_probabilities(loaded, x).argmax())
-        cases.append(Case(image, x, target, None, row, name))
-    return cases
+    return [photo_case(loaded, de.load_image(Path(folder) / name), row, name) for row, name in rows]
+
+
+def photo_case(loaded: de.LoadedModel, image: np.ndarray, row: int = 0, name: str = "") -> Case:
+    """One uint8 H×W×3 photo prepared for ``loaded``: its normalized input, the model's top class as the
+    target, no mask; ``row`` becomes its ``scene_id``."""
+    x = loaded.preprocessing(image, device=loaded.device)
+    return Case(image, x, int(de.checked_probabilities(loaded, x).argmax()), None, row, name)
 
 
 def score_map(model: nn.Module, case: Case, saliency: np.ndarray) -> dict[str, float]:
@@ -1091,13 +1093,12 @@ def plot_photo_maps(loaded: de.LoadedModel, photos: Mapping[str, np.ndarray],
     fig, axes = plt.subplots(len(photos), len(methods) + 1, squeeze=False,
                              figsize=(3.0 * (len(methods) + 1), 2.7 * len(photos)))
     for row, (name, image) in zip(axes, photos.items()):
-        x = loaded.preprocessing(image, device=loaded.device)
-        probs = de.checked_probabilities(loaded, x)[0]
-        target = int(probs.argmax())
-        maps, _ = run_methods(loaded, Case(image, x, target, None, 0, name), methods)
-        shown = loaded.preprocessing.to_image(x)
+        case = photo_case(loaded, image, name=name)
+        maps, _ = run_methods(loaded, case, methods)
+        probability = float(de.checked_probabilities(loaded, case.x)[0, case.target])
+        shown = loaded.preprocessing.to_image(case.x)
         row[0].imshow(shown)
-        row[0].set_title(f"{name}: {loaded.label(target)} {probs[target]:.2f}", fontsize=8)
+        row[0].set_title(f"{name}: {loaded.label(case.target)} {probability:.2f}", fontsize=8)
         row[0].set_xticks([]), row[0].set_yticks([])
         for ax, method in zip(row[1:], methods):
             de.draw_importance(ax, shown, de.relative_importance(maps[method]))
