@@ -841,6 +841,9 @@ class GeneratorSettings(_Stage):
                                 help="masked generator: weight of the mask's area in the loss")
     tv_coeff: float = setting(0.2, masked=1.0, values="[0, inf)", widget=(0.0, 4.0, 0.1),
                               help="masked generator: weight of the mask's total variation in the loss")
+    preserve_coeff: float = setting(0.0, values="[0, inf)", widget=(0.0, 4.0, 0.1),
+                                    help="masked generator: weight of the preservation game, 1 − the class "
+                                         "score when only the mask's complement is perturbed")
 
     def __post_init__(self):
         if self.kind in GENERATOR_ALIASES:
@@ -1029,6 +1032,11 @@ class PerturbationGenerator(nn.Module):
         """Where the generator perturbs (copies×1×H×W in [0, 1]); None: the seed's generator perturbs everywhere."""
         return None
 
+    def perturb(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(:meth:`forward` of ``x``, the image the preservation game scores or None): the seed's generator
+        plays only the deletion game, so None."""
+        return self(x), None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
         if self.copies > 1 and n != self.copies:
@@ -1060,6 +1068,12 @@ class MaskedPerturbationGenerator(PerturbationGenerator):
     Vedaldi's (2017) mask priors, with the seed's generator as the perturbation
     in place of their blur. The explanation is then *where the mask had to act*
     (:meth:`mask`), not where the perturbation changed pixels most.
+
+    With ``preserve_coeff`` c > 0 it also plays Fong et al.'s (2019) preservation game:
+    :meth:`perturb` returns, beside x_pert, x_keep = m·x + (1 − m)·G(x) (the image perturbed
+    *outside* the mask, G(x) detached so that only the mask learns from it), and the
+    optimization adds c·(1 − p_target(x_keep)) to the loss: the mask must cover all the
+    evidence the class needs, not only enough of it to delete.
     """
 
     KIND: ClassVar[str] = "masked"
@@ -1068,17 +1082,20 @@ class MaskedPerturbationGenerator(PerturbationGenerator):
     def __init__(self, kernel_size: int = GeneratorSettings.kernel_size, nblocks: int = GeneratorSettings.nblocks,
                  nlayers: int = GeneratorSettings.nlayers, *, copies: int = 1,
                  mask_size: int = GeneratorSettings.mask_size, area_coeff: float = GeneratorSettings.area_coeff,
-                 tv_coeff: float = GeneratorSettings.tv_coeff):
+                 tv_coeff: float = GeneratorSettings.tv_coeff, preserve_coeff: float = GeneratorSettings.preserve_coeff):
         super().__init__(kernel_size, nblocks, nlayers, copies=copies)
-        self.settings = replace(self.settings, mask_size=mask_size, area_coeff=area_coeff, tv_coeff=tv_coeff)
+        self.settings = replace(self.settings, mask_size=mask_size, area_coeff=area_coeff, tv_coeff=tv_coeff,
+                                preserve_coeff=preserve_coeff)
         size = self.settings.mask_size
         self.logits = nn.Parameter(torch.full((self.copies, 1, size, size), self.INITIAL_LOGIT))
         self.area_coeff, self.tv_coeff = self.settings.area_coeff, self.settings.tv_coeff
+        self.preserve_coeff = self.settings.preserve_coeff
 
     @classmethod
     def from_settings(cls, settings: GeneratorSettings, copies: int = 1) -> MaskedPerturbationGenerator:
         return cls(settings.kernel_size, settings.nblocks, settings.nlayers, copies=copies,
-                   mask_size=settings.mask_size, area_coeff=settings.area_coeff, tv_coeff=settings.tv_coeff)
+                   mask_size=settings.mask_size, area_coeff=settings.area_coeff, tv_coeff=settings.tv_coeff,
+                   preserve_coeff=settings.preserve_coeff)
 
     def penalty(self) -> torch.Tensor:
         """area_coeff · mean(m) + tv_coeff · total_variation(m), on the low-resolution mask; shape (copies,)."""
@@ -1093,6 +1110,15 @@ class MaskedPerturbationGenerator(PerturbationGenerator):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.mask(tuple(x.shape[-2:])).to(x.dtype)
         return m * super().forward(x) + (1 - m) * x
+
+    def perturb(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x_pert = m·G(x) + (1 − m)·x, x_keep = m·x + (1 − m)·G(x) with G(x) detached), both shaped as ``x``;
+        x_keep is None when ``preserve_coeff`` is 0 (no preservation game)."""
+        if not self.preserve_coeff:
+            return self(x), None
+        m = self.mask(tuple(x.shape[-2:])).to(x.dtype)
+        g = super().forward(x)
+        return m * g + (1 - m) * x, m * x + (1 - m) * g.detach()
 
 
 def total_variation(m: torch.Tensor, power: float = 3.0) -> torch.Tensor:
@@ -1219,11 +1245,15 @@ def optimize_perturbations(model: nn.Module, x: torch.Tensor, generator: Perturb
         for step in range(1, steps + 1):
             bar.update(1)
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16"):
-                x_pert = generator(xs)
-                logits = model(torch.roll(x_pert, shifts[step - 1], dims=(2, 3)) if jitter else x_pert)
-            probabilities = torch.softmax(logits.float(), dim=1)[torch.arange(len(running)), ts]
+                x_pert, x_keep = generator.perturb(xs)
+                scored = x_pert if x_keep is None else torch.cat([x_pert, x_keep])  # one forward pass for both
+                logits = model(torch.roll(scored, shifts[step - 1], dims=(2, 3)) if jitter else scored)
+            scores = torch.softmax(logits.float(), dim=1)[torch.arange(len(scored)), ts.repeat(len(scored) // len(ts))]
+            probabilities = scores[:len(running)]
             l1s = (xs - x_pert.float()).abs().mean(dim=(1, 2, 3))
             losses = probabilities + settings.l1_coeff * l1s + generator.penalty()
+            if x_keep is not None:
+                losses = losses + generator.preserve_coeff * (1 - scores[len(running):])
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
             optimizer.step()

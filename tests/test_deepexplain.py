@@ -220,7 +220,8 @@ def test_saliency_map_points_at_the_changed_region():
 def test_seed_preset_is_the_seeds_values():
     seed = dict(kernel_size=3, nblocks=3, nlayers=3, steps=1000, lr=0.01, l1_coeff=1.0,
                 power=6, border=0.1, dilation=20, difference="signed-mean", smoothing=0.0, patience=0,
-                precision="fp32", generator="plain", mask_size=28, area_coeff=1.0, tv_coeff=0.2, jitter=0, runs=1)
+                precision="fp32", generator="plain", mask_size=28, area_coeff=1.0, tv_coeff=0.2, preserve_coeff=0.0,
+                jitter=0, runs=1)
     assert dict(de.PRESETS["seed"]) == seed
     assert de.resolve_hyperparameters("seed", steps=5) == {**seed, "steps": 5}
     assert de.Settings() == de.Settings.from_preset("seed")  # the stages' defaults are the seed's

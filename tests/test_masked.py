@@ -10,7 +10,7 @@ import torch
 import deepexplain as de
 import deepexplain_eval as ev
 import deepexplain_scenes as scenes
-from helpers import RegionClassifier, square_mask
+from helpers import AllRegionsClassifier, RegionClassifier, square_mask
 
 SIZE = scenes.SCENE_SIZE
 #: The region the toy classifier reads: rows 30..79, cols 130..179 (away from the center and the border).
@@ -100,6 +100,7 @@ def test_batched_masked_explanations_equal_separate_runs(shapes, images):
 @pytest.mark.parametrize("bad, message", [({"generator": "unet"}, "generator must be one of plain, masked"),
                                           ({"mask_size": 1}, "mask_size must be an integer in [2, 512]"),
                                           ({"tv_coeff": -1.0}, "tv_coeff must be a number in [0, inf)"),
+                                          ({"preserve_coeff": -0.5}, "preserve_coeff must be a number in [0, inf)"),
                                           ({"jitter": -2}, "jitter must be an integer in [0, 1000]"),
                                           ({"runs": 2, "generator": "plain"}, "runs must be 1 with the 'plain'")])
 def test_masked_hyperparameters_are_checked(bad, message):
@@ -118,3 +119,41 @@ def test_masked_map_points_at_the_only_region_the_classifier_reads(shapes):
     assert ev.pointing_hit(result.saliency, REGION, tolerance=0)
     assert ev.com_hit(result.saliency, REGION, tolerance=0)
     assert ev.energy_inside(result.saliency, REGION) > 0.5
+
+
+def test_perturb_adds_the_preserved_image_only_with_a_preservation_weight():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 20)
+    plain = de.MaskedPerturbationGenerator(mask_size=4, copies=2)
+    perturbed, kept = plain.perturb(x)
+    assert kept is None
+    torch.testing.assert_close(perturbed, plain(x))
+    torch.manual_seed(0)
+    preserving = de.MaskedPerturbationGenerator(mask_size=4, copies=2, preserve_coeff=1.5)
+    with torch.no_grad():
+        preserving.logits.normal_(0, 2)
+    assert preserving.from_settings(preserving.settings, copies=2).preserve_coeff == 1.5
+    perturbed, kept = preserving.perturb(x)
+    m, g = preserving.mask((16, 20)), de.PerturbationGenerator.forward(preserving, x)
+    torch.testing.assert_close(perturbed, preserving(x))
+    torch.testing.assert_close(kept, m * x + (1 - m) * g)  # perturbed outside the mask, the original inside
+    kept.sum().backward()  # G's output is detached there: only the mask learns from the preservation game
+    assert preserving.conv.weight.grad is None and preserving.logits.grad.abs().sum() > 0
+    assert de.PerturbationGenerator().perturb(x[:1])[1] is None  # the seed's generator: deletion only
+
+
+def test_preservation_makes_the_mask_cover_every_region_the_class_needs(shapes):
+    # The class needs both squares intact: deleting one is enough, so the deletion game alone
+    # keeps the mask on one of them; preserving the class needs the mask on both.
+    first, second = square_mask(top=30, left=30, size=50), square_mask(top=140, left=140, size=50)
+    image = scenes.make_scene(30_000_000).image
+    x = scenes.normalize(image[None])
+    loaded = de.LoadedModel(AllRegionsClassifier([first, second], x), shapes.preprocessing, ["both", "other"], "toy")
+    assert de.class_probabilities(loaded.model, x)[0, 0] > 0.95
+    covered = {}
+    for weight in (0.0, 1.0):
+        mask = de.explain(image, loaded, preset="masked", target=0, runs=1, preserve_coeff=weight,
+                          verbose=False).mask[0, 0].numpy()
+        covered[weight] = sorted(float(mask[region].mean()) for region in (first, second))
+    assert covered[0.0][0] < 0.2 and covered[0.0][1] > 0.2
+    assert covered[1.0][0] > 0.6
