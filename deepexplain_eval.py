@@ -524,6 +524,7 @@ MASKED_VARIANTS: Mapping[str, dict] = {
     "ours-masked-s16-p1": dict(power=1),
     "ours-masked-s8-p4": dict(smoothing=8.0),
     "ours-masked-s4-p4": dict(smoothing=4.0),
+    "ours-masked-s2-p4": dict(smoothing=2.0),
     "ours-masked-s0-p1": dict(smoothing=0.0, power=1),
 }
 
