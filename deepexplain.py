@@ -700,8 +700,8 @@ PRESET_DESCRIPTIONS: Mapping[str, str] = MappingProxyType({
     "seed": "the seed document's method with its values, exactly (its section 3.1): each setting's 'seed:' value",
     "fast": "the seed's method on the project's fast schedule: the seed's map quality about 12x sooner "
             "(README, Performance)",
-    "masked": "a generator that also learns where to perturb, two runs combined: it measured better than the "
-              "seed's method on every metric of the evaluation (README, Beyond the seed)"})
+    "masked": "a generator that also learns where to perturb, playing the deletion and the preservation game: "
+              "it measured better than the seed's method on the scenes and on real photos (README, Beyond the seed)"})
 #: The preset :func:`explain` and the command line use when none is given: it measured better than the seed
 #: preset on every metric of the evaluation (README, "Beyond the seed").
 DEFAULT_PRESET = "masked"
@@ -841,7 +841,7 @@ class GeneratorSettings(_Stage):
                                 help="masked generator: weight of the mask's area in the loss")
     tv_coeff: float = setting(0.2, masked=1.0, values="[0, inf)", widget=(0.0, 4.0, 0.1),
                               help="masked generator: weight of the mask's total variation in the loss")
-    preserve_coeff: float = setting(0.0, values="[0, inf)", widget=(0.0, 4.0, 0.1),
+    preserve_coeff: float = setting(0.0, masked=1.0, values="[0, inf)", widget=(0.0, 4.0, 0.1),
                                     help="masked generator: weight of the preservation game, 1 − the class "
                                          "score when only the mask's complement is perturbed")
 
@@ -873,7 +873,7 @@ class OptimizationSettings(_Stage):
                              help="arithmetic of the forward passes: fp32 or bfloat16 autocast")
     jitter: int = setting(0, masked=4, values="[0, 1000]", help="shift the perturbed image by up to this many px "
                                                                "each step (0: never)")
-    runs: int = setting(1, masked=2, values="[1, 100]",
+    runs: int = setting(1, values="[1, 100]",
                         help="optimizations from successive generator seeds; their masks are combined")
 
 

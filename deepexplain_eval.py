@@ -27,7 +27,7 @@ Fong, Patrick & Vedaldi's (2019) extremal perturbation (:func:`extremal_perturba
 here; photos only), RISE (Petsiuk et al. 2018, :func:`rise`, written here), and deepexplain: the
 seed preset plus variants of its post-processing (one optimization, several
 maps), the fast preset and the masked generator (with variants of its
-post-processing, ``ours-masked-variants``).
+post-processing, ``ours-masked-variants``, and its earlier deletion-only form, ``ours-masked-deletion``).
 
 Real photos (:func:`evaluate_photos`, ``evaluate --images DIR --model NAME
 --weights FILE``): a folder of photos for a real classifier, the target being
@@ -517,6 +517,15 @@ def _ours_masked(loaded: de.LoadedModel, case: Case, steps) -> dict[str, np.ndar
     return {"ours-masked": _explain_case(loaded, case, "masked", steps).saliency}
 
 
+#: The masked preset as it was before the preservation game (the default until 2026-11): settings changed.
+MASKED_DELETION_ONLY: Mapping[str, float] = {"preserve_coeff": 0.0, "runs": 2, "smoothing": 16.0}
+
+
+def _ours_masked_deletion(loaded: de.LoadedModel, case: Case, steps) -> dict[str, np.ndarray]:
+    """The masked preset playing the deletion game only (:data:`MASKED_DELETION_ONLY`), for comparison."""
+    return {"ours-masked-deletion": _explain_case(loaded, case, "masked", steps, **MASKED_DELETION_ONLY).saliency}
+
+
 #: Post-processing variants of the masked preset (one optimization, several maps): name → settings changed.
 #: (Deletion and insertion depend only on the pixels' order, which a power keeps, up to ties from underflow.)
 MASKED_VARIANTS: Mapping[str, dict] = {
@@ -535,10 +544,12 @@ def _ours_masked_variants(loaded: de.LoadedModel, case: Case, steps) -> dict[str
     return {name: de.with_postprocessing(result, **options).saliency for name, options in MASKED_VARIANTS.items()}
 
 
-def _explain_case(loaded: de.LoadedModel, case: Case, preset: str, steps: int | None) -> de.Explanation:
-    """``case`` explained by deepexplain with ``preset`` (generator seed 0); ``steps`` None keeps the preset's."""
+def _explain_case(loaded: de.LoadedModel, case: Case, preset: str, steps: int | None,
+                  **values) -> de.Explanation:
+    """``case`` explained by deepexplain with ``preset`` and settings ``values`` (generator seed 0); ``steps`` None
+    keeps the preset's."""
     return de.explain(case.image, loaded, preset=preset, target=case.target, verbose=False,
-                      **({} if steps is None else {"steps": steps}))
+                      **values, **({} if steps is None else {"steps": steps}))
 
 
 #: Explainers by name: f(loaded model, case, steps) → {map name: H×W map}. ``steps`` (None = each
@@ -548,13 +559,14 @@ METHODS: Mapping[str, Callable[[de.LoadedModel, Case, int | None], dict[str, np.
     "integrated-gradients": _integrated_gradients, "occlusion": _occlusion, "grad-cam": _gradcam,
     "fong-vedaldi": _fong_vedaldi, "extremal-perturbation": _extremal_perturbation, "rise": _rise,
     "ours": _ours, "ours-fast": _ours_fast, "ours-masked": _ours_masked,
-    "ours-masked-variants": _ours_masked_variants,
+    "ours-masked-deletion": _ours_masked_deletion, "ours-masked-variants": _ours_masked_variants,
 }
 
 
-#: The methods :func:`evaluate` runs by default: all but the masked preset's post-processing variants
-#: and extremal perturbation (added after the scene report was made; it runs on photos).
-SCENE_METHODS = tuple(m for m in METHODS if m not in ("ours-masked-variants", "extremal-perturbation"))
+#: The methods :func:`evaluate` runs by default: all but the masked preset's variants (its post-processing,
+#: its deletion-only form) and extremal perturbation (added after the scene report was made; it runs on photos).
+SCENE_METHODS = tuple(m for m in METHODS
+                      if m not in ("ours-masked-variants", "ours-masked-deletion", "extremal-perturbation"))
 
 
 def run_methods(loaded: de.LoadedModel, case: Case, methods: Sequence[str],

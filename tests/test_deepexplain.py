@@ -231,8 +231,8 @@ def test_default_is_the_masked_preset_and_presets_differ_only_where_documented()
     assert de.resolve_hyperparameters() == dict(de.MASKED_PRESET) == dict(de.DEFAULTS)
     assert de.resolve_hyperparameters(steps=7)["generator"] == "masked"
     changed = {k for k in de.SEED_PRESET if de.MASKED_PRESET[k] != de.SEED_PRESET[k]}
-    assert changed == {"lr", "steps", "patience", "precision", "generator", "l1_coeff", "tv_coeff", "jitter",
-                       "runs", "smoothing", "power", "border", "dilation"}
+    assert changed == {"lr", "steps", "patience", "precision", "generator", "l1_coeff", "tv_coeff",
+                       "preserve_coeff", "jitter", "smoothing", "power", "border", "dilation"}
 
 
 def test_settings_are_grouped_by_stage_and_changed_by_name():
@@ -623,7 +623,7 @@ def test_cli_writes_four_files_with_documented_keys(tmp_path, capsys):
     assert saliency.shape == (224, 224) and saliency.dtype == np.float32
     assert Image.open(tmp_path / f"{stem}_explanation.png").size[0] > 500
     out, err = capsys.readouterr()
-    assert "5 top classes" in out and re.search(r"^score .* \(target 'square'\), 2 runs stopped at steps 5, 5 of 5",
+    assert "5 top classes" in out and re.search(r"^score .* \(target 'square'\), stopped at step 5 of 5",
                                                 out, re.MULTILINE)
     assert "note:" not in err  # an embedded sample: no warning about photos
 

@@ -139,12 +139,23 @@ def test_every_method_gives_finite_maps_of_the_image_size(shapes_case):
     loaded, case = shapes_case
     maps, seconds = ev.run_methods(loaded, case, list(ev.METHODS), steps=3)
     assert set(maps) >= {"random", "center", "saliency", "integrated-gradients", "occlusion", "grad-cam",
-                         "fong-vedaldi", "rise", *ev.OURS_VARIANTS, "ours-fast", *ev.MASKED_VARIANTS}
+                         "fong-vedaldi", "rise", *ev.OURS_VARIANTS, "ours-fast", *ev.MASKED_VARIANTS,
+                         "ours-masked-deletion"}
     for name, saliency in maps.items():
         assert saliency.shape == (224, 224), name
         assert np.isfinite(saliency).all() and saliency.min() >= 0, name
         assert seconds[name] > 0
     assert not loaded.model.training and not any(p.requires_grad for p in loaded.model.parameters())
+
+
+def test_deletion_only_method_is_the_masked_preset_without_the_preservation_game(shapes_case):
+    loaded, case = shapes_case
+    maps, _ = ev.run_methods(loaded, case, ["ours-masked", "ours-masked-deletion"], steps=4)
+    before = de.explain(case.image, loaded, preset="masked", target=case.target, steps=4, verbose=False,
+                        preserve_coeff=0.0, runs=2, smoothing=16.0)
+    assert before.runs_steps is not None and len(before.runs_steps) == 2
+    np.testing.assert_array_equal(maps["ours-masked-deletion"], before.saliency)
+    assert not np.allclose(maps["ours-masked"], before.saliency)  # the default plays the preservation game
 
 
 # --------------------------------------------------------------------------- sanity check
