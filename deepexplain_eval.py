@@ -518,7 +518,7 @@ def _ours_masked(loaded: de.LoadedModel, case: Case, steps) -> dict[str, np.ndar
 
 
 #: The masked preset as it was before the preservation game (the default until 2026-11): settings changed.
-MASKED_DELETION_ONLY: Mapping[str, float] = {"preserve_coeff": 0.0, "runs": 2, "smoothing": 16.0}
+MASKED_DELETION_ONLY: Mapping[str, float | int] = {"preserve_coeff": 0.0, "runs": 2, "smoothing": 16.0}
 
 
 def _ours_masked_deletion(loaded: de.LoadedModel, case: Case, steps) -> dict[str, np.ndarray]:
