@@ -72,13 +72,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 from skimage import morphology, transform
 from torch import nn
+from torchvision.transforms.functional import gaussian_blur
 from tqdm.auto import tqdm
 
 import deepexplain_scenes as scenes
 from deepexplain_io import load_weights, read_state_dict, write_atomically
 
 __all__ = [
-    "DIFFERENCES", "PRECISIONS", "GENERATOR_KINDS", "AUTO_MODEL", "OFFLINE_ENV",
+    "DIFFERENCES", "PRECISIONS", "GENERATOR_KINDS", "REMOVALS", "BLUR_SIGMA", "AUTO_MODEL", "OFFLINE_ENV",
     "MAX_IMAGE_PIXELS", "MAX_PIXELS_ENV", "max_image_pixels", "load_image", "read_image", "to_rgb_uint8",
     "Preprocessing", "PhotoMapping", "channel_mean",
     "LoadedModel", "load_model", "frozen", "resolve_device", "ShapesModelWarning",
@@ -86,8 +87,8 @@ __all__ = [
     "PRESET_BASES", "PRESET_DESCRIPTIONS", "DEFAULT_PRESET", "Interval", "setting", "SettingSpec", "GeneratorSettings",
     "OptimizationSettings", "PostprocessingSettings", "STAGES", "Settings", "SETTINGS", "PRESETS",
     "SEED_PRESET", "FAST_PRESET", "MASKED_PRESET", "DEFAULTS", "resolve_hyperparameters", "settings_table",
-    "PerturbationGenerator", "MaskedPerturbationGenerator", "GENERATORS", "make_generator", "total_variation",
-    "OptimizationResult", "optimize_perturbation", "optimize_perturbations",
+    "PerturbationGenerator", "MaskedPerturbationGenerator", "blurred", "GENERATORS", "make_generator",
+    "total_variation", "OptimizationResult", "optimize_perturbation", "optimize_perturbations",
     "STOP_PROBABILITY", "STOP_IMPROVEMENT", "converged", "run_converged",
     "difference_map", "sharpen", "crop_border", "dilate", "smooth", "center_of_mass",
     "saliency_map", "Explanation", "explain", "explain_batch",
@@ -103,6 +104,11 @@ DIFFERENCES = ("signed-mean", "abs-sum")
 PRECISIONS = ("fp32", "bf16")
 #: Generator kinds (:data:`GENERATORS`): the seed's, which perturbs everywhere, and the masked one.
 GENERATOR_KINDS = ("plain", "masked")
+#: What the masked generator puts where its mask acts: the seed's learned perturbation G(x), or the image
+#: blurred (:func:`blurred`, as Fong & Vedaldi's masks and the evaluation's deletion and insertion do).
+REMOVALS = ("learned", "blur")
+#: The Gaussian blur's σ in px, for :func:`blurred` (Fong & Vedaldi's 2017 value).
+BLUR_SIGMA = 10.0
 #: Old names of generator kinds, still accepted with a DeprecationWarning.
 GENERATOR_ALIASES = MappingProxyType({"seed": "plain"})
 
@@ -700,8 +706,9 @@ PRESET_DESCRIPTIONS: Mapping[str, str] = MappingProxyType({
     "seed": "the seed document's method with its values, exactly (its section 3.1): each setting's 'seed:' value",
     "fast": "the seed's method on the project's fast schedule: the seed's map quality about 12x sooner "
             "(README, Performance)",
-    "masked": "a generator that also learns where to perturb, playing the deletion and the preservation game: "
-              "it measured better than the seed's method on the scenes and on real photos (README, Beyond the seed)"})
+    "masked": "learns a mask of where blurring the image deletes the class and where keeping it preserves the "
+              "class: it measured better than the seed's method and than Grad-CAM on the scenes and on real photos "
+              "(README, Beyond the seed)"})
 #: The preset :func:`explain` and the command line use when none is given: it measured better than the seed
 #: preset on every metric of the evaluation (README, "Beyond the seed").
 DEFAULT_PRESET = "masked"
@@ -844,6 +851,9 @@ class GeneratorSettings(_Stage):
     preserve_coeff: float = setting(0.0, masked=1.0, values="[0, inf)", widget=(0.0, 4.0, 0.1),
                                     help="masked generator: weight of the preservation game, 1 − the class "
                                          "score when only the mask's complement is perturbed")
+    removal: str = setting("learned", masked="blur", choices=REMOVALS,
+                           help="masked generator: what replaces the image under the mask: 'learned' the "
+                                "seed's generator G(x), 'blur' the image blurred (σ 10 px)")
 
     def __post_init__(self):
         if self.kind in GENERATOR_ALIASES:
@@ -885,7 +895,7 @@ class PostprocessingSettings(_Stage):
     STAGE: ClassVar[str] = "postprocessing"
     difference: str = setting("signed-mean", choices=DIFFERENCES,
                               help="how x - x_pert is reduced over channels (plain generator)")
-    smoothing: float = setting(0.0, masked=16.0, values="[0, 1000]", widget=(0.0, 32.0, 1.0),
+    smoothing: float = setting(0.0, masked=4.0, values="[0, 1000]", widget=(0.0, 32.0, 1.0),
                                help="Gaussian blur sigma in px before sharpening (0: none)")
     power: float = setting(6, masked=4, values="(0, 100]", widget=(0.5, 12.0, 0.5),
                            help="exponent that sharpens the map")
@@ -1052,26 +1062,32 @@ class PerturbationGenerator(nn.Module):
         return lo + (hi - lo) * _unit_range(y.reshape(n, 3, h, w) if grouped else y)
 
 
-class MaskedPerturbationGenerator(PerturbationGenerator):
-    """The seed's learned perturbation, applied only where a learned mask says: x_pert = m·G(x) + (1 − m)·x.
+def blurred(x: torch.Tensor, sigma: float = BLUR_SIGMA) -> torch.Tensor:
+    """A Gaussian-blurred copy (σ in px, torchvision's kernel of side 2·⌊2σ⌋ + 1) of an N×3×H×W tensor."""
+    kernel = 2 * int(2 * sigma) + 1
+    return gaussian_blur(x, [kernel, kernel], [sigma, sigma])
 
-    Kind ``"masked"``. G is the seed's generator (:class:`PerturbationGenerator`, same arguments).
-    The mask m ∈ [0, 1] (1 = perturbed) is the sigmoid of a
-    ``mask_size``×``mask_size`` grid of logits per copy, upsampled bilinearly
-    to the image's H×W, so it is smooth by construction. The logits start at
+
+class MaskedPerturbationGenerator(PerturbationGenerator):
+    """A removal applied only where a learned mask says: x_pert = m·r(x) + (1 − m)·x.
+
+    Kind ``"masked"``. The removal r (``removal``, :data:`REMOVALS`) is G(x), the seed's generator
+    (:class:`PerturbationGenerator`, same arguments), trained with the mask, or the image :func:`blurred`
+    (σ = :data:`BLUR_SIGMA` px; G then goes unused and the mask alone learns). The mask m ∈ [0, 1]
+    (1 = perturbed) is the sigmoid of a ``mask_size``×``mask_size`` grid of logits per copy, upsampled
+    bilinearly to the image's H×W, so it is smooth by construction. The logits start at
     ``INITIAL_LOGIT`` (m ≈ 0.95 everywhere: the image almost wholly perturbed,
     the class score already low) and the area term shrinks the mask to what the
     score needs; from m = 0.5 the score is often still saturated near 1, gives
     no gradient, and the area term alone collapses the mask to nothing
     (measured: one scene in eight). :meth:`penalty` charges each copy ``area_coeff`` ×
     mean(m) (area) + ``tv_coeff`` × mean |∇m|³ (total variation) — Fong &
-    Vedaldi's (2017) mask priors, with the seed's generator as the perturbation
-    in place of their blur. The explanation is then *where the mask had to act*
+    Vedaldi's (2017) mask priors. The explanation is then *where the mask had to act*
     (:meth:`mask`), not where the perturbation changed pixels most.
 
     With ``preserve_coeff`` c > 0 it also plays Fong et al.'s (2019) preservation game:
-    :meth:`perturb` returns, beside x_pert, x_keep = m·x + (1 − m)·G(x) (the image perturbed
-    *outside* the mask, G(x) detached so that only the mask learns from it), and the
+    :meth:`perturb` returns, beside x_pert, x_keep = m·x + (1 − m)·r(x) (the image perturbed
+    *outside* the mask, r(x) detached so that only the mask learns from it), and the
     optimization adds c·(1 − p_target(x_keep)) to the loss: the mask must cover all the
     evidence the class needs, not only enough of it to delete.
     """
@@ -1082,20 +1098,22 @@ class MaskedPerturbationGenerator(PerturbationGenerator):
     def __init__(self, kernel_size: int = GeneratorSettings.kernel_size, nblocks: int = GeneratorSettings.nblocks,
                  nlayers: int = GeneratorSettings.nlayers, *, copies: int = 1,
                  mask_size: int = GeneratorSettings.mask_size, area_coeff: float = GeneratorSettings.area_coeff,
-                 tv_coeff: float = GeneratorSettings.tv_coeff, preserve_coeff: float = GeneratorSettings.preserve_coeff):
+                 tv_coeff: float = GeneratorSettings.tv_coeff, preserve_coeff: float = GeneratorSettings.preserve_coeff,
+                 removal: str = GeneratorSettings.removal):
         super().__init__(kernel_size, nblocks, nlayers, copies=copies)
         self.settings = replace(self.settings, mask_size=mask_size, area_coeff=area_coeff, tv_coeff=tv_coeff,
-                                preserve_coeff=preserve_coeff)
+                                preserve_coeff=preserve_coeff, removal=removal)
         size = self.settings.mask_size
         self.logits = nn.Parameter(torch.full((self.copies, 1, size, size), self.INITIAL_LOGIT))
         self.area_coeff, self.tv_coeff = self.settings.area_coeff, self.settings.tv_coeff
-        self.preserve_coeff = self.settings.preserve_coeff
+        self.preserve_coeff, self.removal = self.settings.preserve_coeff, self.settings.removal
+        self._blur_cache: tuple[torch.Tensor, bool, torch.Tensor] | None = None  # x, autocast on, blurred(x)
 
     @classmethod
     def from_settings(cls, settings: GeneratorSettings, copies: int = 1) -> MaskedPerturbationGenerator:
         return cls(settings.kernel_size, settings.nblocks, settings.nlayers, copies=copies,
                    mask_size=settings.mask_size, area_coeff=settings.area_coeff, tv_coeff=settings.tv_coeff,
-                   preserve_coeff=settings.preserve_coeff)
+                   preserve_coeff=settings.preserve_coeff, removal=settings.removal)
 
     def penalty(self) -> torch.Tensor:
         """area_coeff · mean(m) + tv_coeff · total_variation(m), on the low-resolution mask; shape (copies,)."""
@@ -1107,18 +1125,29 @@ class MaskedPerturbationGenerator(PerturbationGenerator):
         return nn.functional.interpolate(torch.sigmoid(self.logits), size=size, mode="bilinear",
                                          align_corners=False)
 
+    def removed(self, x: torch.Tensor) -> torch.Tensor:
+        """r(x), what replaces ``x`` under the mask (shaped as ``x``): G(x), or :func:`blurred` ``x``.
+        The blur of the tensor last given is kept (an optimization passes the same ``x`` at every step), apart
+        for autocast (bf16) and full precision."""
+        if self.removal == "learned":
+            return super().forward(x)
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if self._blur_cache is None or self._blur_cache[0] is not x or self._blur_cache[1] != autocast:
+            self._blur_cache = (x, autocast, blurred(x))
+        return self._blur_cache[2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.mask(tuple(x.shape[-2:])).to(x.dtype)
-        return m * super().forward(x) + (1 - m) * x
+        return m * self.removed(x) + (1 - m) * x
 
     def perturb(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(x_pert = m·G(x) + (1 − m)·x, x_keep = m·x + (1 − m)·G(x) with G(x) detached), both shaped as ``x``;
+        """(x_pert = m·r(x) + (1 − m)·x, x_keep = m·x + (1 − m)·r(x) with r(x) detached), both shaped as ``x``;
         x_keep is None when ``preserve_coeff`` is 0 (no preservation game)."""
         if not self.preserve_coeff:
             return self(x), None
         m = self.mask(tuple(x.shape[-2:])).to(x.dtype)
-        g = super().forward(x)
-        return m * g + (1 - m) * x, m * x + (1 - m) * g.detach()
+        r = self.removed(x)
+        return m * r + (1 - m) * x, m * x + (1 - m) * r.detach()
 
 
 def total_variation(m: torch.Tensor, power: float = 3.0) -> torch.Tensor:
@@ -1404,7 +1433,7 @@ def smooth(saliency: np.ndarray, sigma: float = PostprocessingSettings.smoothing
     Unlike :func:`dilate`, which keeps every peak, a blur ranks regions by their
     mass: after it the map's maximum marks the largest strongly salient region,
     not a small isolated spot. The seed does not smooth (0); the masked preset
-    blurs its mask by two mask cells (2 × 224 / 28 = 16 px) before the power.
+    blurs its mask by 4 px (half a mask cell: 224 / 28 = 8 px) before the power.
     """
     return ndimage.gaussian_filter(saliency, sigma) if sigma > 0 else saliency
 
@@ -1446,7 +1475,9 @@ class Explanation(OptimizationResult):
     ``mapping``: where ``input`` (and so the map) lies in the original image
     (:meth:`saliency_at` gives the map at the photo's resolution);
     ``runs_steps``/``runs_converged``: each run's steps and whether it converged
-    (:attr:`converged`); the other optimization fields are the first run's.
+    (:attr:`converged`); the other optimization fields are the first run's;
+    ``removed_score``: with the blur removal, the target's probability for the wholly blurred input, the
+    lowest the blur can take it (None for the other removals).
     """
 
     input: torch.Tensor
@@ -1461,6 +1492,7 @@ class Explanation(OptimizationResult):
     mapping: PhotoMapping | None = None
     runs_steps: tuple[int, ...] = ()
     runs_converged: tuple[bool, ...] = ()
+    removed_score: float | None = None
 
     @property
     def converged(self) -> bool:
@@ -1483,6 +1515,11 @@ class Explanation(OptimizationResult):
             return f"{scores}, {where} (converged)"
         if self.perturbed_score < STOP_PROBABILITY * self.original_score:
             return f"{scores}, {where}, not converged: the loss was still falling; more --steps may change the map"
+        if self.removed_score is not None and self.perturbed_score < self.removed_score + STOP_PROBABILITY * (
+                self.original_score - self.removed_score):
+            return (f"{scores}, {where}: the wholly blurred image still scores {self.removed_score:.2g}, so a blur "
+                    f"cannot take the class lower; the map shows where blurring lowers it (--removal learned "
+                    f"can change more than detail)")
         seed = "" if self.settings == Settings.from_preset("seed") else " or --preset seed"
         return f"did not converge: {scores} in {steps} steps; try more --steps, a higher --lr{seed}"
 
@@ -1528,7 +1565,8 @@ class Explanation(OptimizationResult):
             "model": self.model_name, "target": self.target, "label": self.label,
             "original_score": self.original_score, "perturbed_score": self.perturbed_score,
             "center_of_mass": None if self.center_of_mass is None else list(self.center_of_mass),
-            "steps_run": self.steps_run, "converged": self.converged, "seconds": round(self.seconds, 3),
+            "steps_run": self.steps_run, "converged": self.converged, "removed_score": self.removed_score,
+            "seconds": round(self.seconds, 3),
             "seed": self.seed,
             "device": str(self.input.device), "preprocessing": self.preprocessing.describe(),
             "mapping": None if self.mapping is None else self.mapping.as_dict(), **self.hyperparameters,
@@ -1603,6 +1641,10 @@ def explain_batch(images: Sequence[str | os.PathLike | np.ndarray | Image.Image]
     for target in targets:
         _check_target(target, probs.shape[1])
     runs = _optimization_runs(loaded, x, targets, settings, seed, verbose, callback)  # runs[r][i]: run r, image i
+    removed_scores = [None] * len(images)
+    if settings.generator.kind == "masked" and settings.generator.removal == "blur":
+        with frozen(loaded.model):
+            removed_scores = class_probabilities(loaded.model, blurred(x))[torch.arange(len(x)), targets].tolist()
     explanations = []
     for i in range(len(images)):
         xi = x[i:i + 1]
@@ -1614,7 +1656,8 @@ def explain_batch(images: Sequence[str | os.PathLike | np.ndarray | Image.Image]
             predictions=predictions[i], preprocessing=loaded.preprocessing, seed=seed,
             mapping=loaded.preprocessing.mapping(arrays[i]),
             runs_steps=tuple(results[i].steps_run for results in runs),
-            runs_converged=tuple(run_converged(results[i], settings.optimization) for results in runs)))
+            runs_converged=tuple(run_converged(results[i], settings.optimization) for results in runs),
+            removed_score=removed_scores[i]))
     if verbose:
         print("\n".join(e.result_line() for e in explanations))
     return explanations

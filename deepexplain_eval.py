@@ -27,7 +27,7 @@ Fong, Patrick & Vedaldi's (2019) extremal perturbation (:func:`extremal_perturba
 here; photos only), RISE (Petsiuk et al. 2018, :func:`rise`, written here), and deepexplain: the
 seed preset plus variants of its post-processing (one optimization, several
 maps), the fast preset and the masked generator (with variants of its
-post-processing, ``ours-masked-variants``, and its earlier deletion-only form, ``ours-masked-deletion``).
+post-processing, ``ours-masked-variants``, and its earlier forms, :data:`MASKED_EARLIER`).
 
 Real photos (:func:`evaluate_photos`, ``evaluate --images DIR --model NAME
 --weights FILE``): a folder of photos for a real classifier, the target being
@@ -61,7 +61,6 @@ import torch
 from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion, Saliency
 from scipy import integrate, ndimage, stats
 from torch import nn
-from torchvision.transforms.functional import gaussian_blur
 from tqdm.auto import tqdm
 
 import deepexplain as de
@@ -70,7 +69,7 @@ from deepexplain_io import csv_bytes, write_atomically
 
 __all__ = [
     "FIRST_SCENE_ID", "POINTING_TOLERANCE", "COM_TOLERANCE", "METHODS", "METRICS",
-    "pointing_hit", "com_hit", "energy_inside", "blurred", "deletion_insertion_curves", "curve_auc",
+    "pointing_hit", "com_hit", "energy_inside", "deletion_insertion_curves", "curve_auc",
     "center_gaussian", "meaningful_perturbation", "EXTREMAL_AREAS", "extremal_perturbation", "gradcam_layer",
     "randomized_copy", "rank_correlation", "mean_ci", "Case", "scene_cases", "run_methods", "score_map",
     "EvaluationResult", "evaluate", "main_table", "sanity_table", "shortcut_table", "paired_differences",
@@ -144,12 +143,6 @@ def energy_inside(saliency: np.ndarray, mask: np.ndarray) -> float:
 
 # --------------------------------------------------------------------------- faithfulness metrics
 
-def blurred(x: torch.Tensor, sigma: float = 10.0) -> torch.Tensor:
-    """A Gaussian-blurred copy (σ in px) of an N×3×H×W tensor: what removed pixels are replaced by."""
-    kernel = 2 * int(2 * sigma) + 1
-    return gaussian_blur(x, [kernel, kernel], [sigma, sigma])
-
-
 #: How :func:`deletion_insertion_curves` orders pixels of equal saliency (see its docstring).
 TIES = ("random", "pessimistic")
 
@@ -186,9 +179,9 @@ def _moved(saliency: np.ndarray, counts: Sequence[int], ties: str = "random") ->
 
 def _curves(model: nn.Module, x: torch.Tensor, target: int, moved: np.ndarray,
             batch_size: int = 26) -> tuple[np.ndarray, np.ndarray]:
-    """Target probabilities with the S×H×W ``moved`` pixels of ``x`` deleted (replaced by :func:`blurred`
-    ``x``) and inserted (into the blurred image): two (S,) float arrays in [0, 1]."""
-    background = blurred(x)
+    """Target probabilities with the S×H×W ``moved`` pixels of ``x`` deleted (replaced by
+    :func:`deepexplain.blurred` ``x``) and inserted (into the blurred image): two (S,) float arrays in [0, 1]."""
+    background = de.blurred(x)
     deletion, insertion = [], []
     for chunk in torch.from_numpy(moved).to(x.device).split(batch_size):
         changed = chunk.unsqueeze(1).to(x.dtype)  # B×1×H×W, 1 = moved
@@ -212,7 +205,7 @@ def deletion_insertion_curves(model: nn.Module, x: torch.Tensor, target: int, sa
     """Target probabilities as pixels are deleted from / inserted into ``x``, most salient first.
 
     ``x``: normalized 1×3×H×W; ``saliency``: H×W. Step k of ``n_steps`` has the
-    top k/n_steps of the pixels replaced by :func:`blurred` ``x`` (deletion), or
+    top k/n_steps of the pixels replaced by :func:`deepexplain.blurred` ``x`` (deletion), or
     the blurred image with those pixels restored (insertion). Pixels of equal
     saliency (``ties``, :data:`TIES`) go in a seeded random order (``"random"``)
     or, ``"pessimistic"``, a group of tied pixels moves only once all of it
@@ -279,7 +272,7 @@ def meaningful_perturbation(model: nn.Module, x: torch.Tensor, target: int, *, s
     """Fong & Vedaldi (2017)'s learned deletion mask, as an H×W map in [0, 1] (1 = deleted).
 
     A ``mask_size``² mask m ∈ [0, 1] (1 = keep), upsampled bilinearly, blends
-    ``x`` with its :func:`blurred` copy: x·m + blur(x)·(1 − m). Adam (``lr``)
+    ``x`` with its :func:`deepexplain.blurred` copy: x·m + blur(x)·(1 − m). Adam (``lr``)
     minimizes p(target) + ``area_coeff``·mean(1 − m) + ``tv_coeff``·TV(m)^``tv_power``,
     m clamped to [0, 1] after each step, starting from m = ``init`` (from m = 1 a
     saturated softmax gives no gradient and the mask never moves). Against
@@ -287,7 +280,7 @@ def meaningful_perturbation(model: nn.Module, x: torch.Tensor, target: int, *, s
     step (seeded by ``seed``), as in the paper. The model is frozen while it runs.
     """
     h, w = x.shape[-2:]
-    background = blurred(x)
+    background = de.blurred(x)
     mask = torch.full((1, 1, mask_size, mask_size), float(init), device=x.device, requires_grad=True)
     optimizer = torch.optim.Adam([mask], lr=lr)
     shifts = torch.randint(-jitter, jitter + 1, (steps, 2), generator=torch.Generator().manual_seed(seed))
@@ -343,7 +336,7 @@ def extremal_perturbation(model: nn.Module, x: torch.Tensor, target: int, *,
     paper's smooth-max convolution (:func:`_smooth_max_pool`: Gaussian σ = ``sigma`` cells,
     ``temperature``). The paper pools the parameter lattice straight onto the full-resolution mask;
     here it is pooled on the grid, then upsampled bilinearly to H×W (a simplification, as smooth).
-    m blends the normalized ``x`` (1×3×H×W) with its :func:`blurred` copy, m·x + (1 − m)·blur(x)
+    m blends the normalized ``x`` (1×3×H×W) with its :func:`deepexplain.blurred` copy, m·x + (1 − m)·blur(x)
     (the paper blurs by a σ that varies with m). Adam (``lr``) maximizes the target's logit (the
     pre-softmax score; the softmax saturates) minus λ·mean((vecsort(m) − r_a)²), the paper's ranking
     regulariser on the grid's cells, r_a holding a fraction a of ones; λ grows geometrically from
@@ -364,7 +357,7 @@ def extremal_perturbation(model: nn.Module, x: torch.Tensor, target: int, *,
         if int(value) != value or value < 1:
             raise ValueError(f"extremal perturbation needs a whole number {name} ≥ 1, got {value}")
     h, w = x.shape[-2:]
-    background = blurred(x)
+    background = de.blurred(x)
     noise = torch.rand(len(areas), 1, mask_size, mask_size, generator=torch.Generator().manual_seed(seed))
     grid = (0.5 + init_noise * (2 * noise - 1)).to(x.device).requires_grad_()
     reference = _area_targets(areas, mask_size * mask_size, x.device)
@@ -517,22 +510,29 @@ def _ours_masked(loaded: de.LoadedModel, case: Case, steps) -> dict[str, np.ndar
     return {"ours-masked": _explain_case(loaded, case, "masked", steps).saliency}
 
 
-#: The masked preset as it was before the preservation game (the default until 2026-11): settings changed.
-MASKED_DELETION_ONLY: Mapping[str, float | int] = {"preserve_coeff": 0.0, "runs": 2, "smoothing": 16.0}
+#: Earlier forms of the masked preset (the default), for comparison: method name → the settings they change.
+#: ``ours-masked-deletion``: the deletion game alone, two runs, the learned removal (the default until 2026-11);
+#: ``ours-masked-learned``: both games with the learned removal G(x) (the default for a day in 2026-11).
+MASKED_EARLIER: Mapping[str, Mapping[str, float | int | str]] = {
+    "ours-masked-deletion": {"removal": "learned", "preserve_coeff": 0.0, "runs": 2, "smoothing": 16.0},
+    "ours-masked-learned": {"removal": "learned", "smoothing": 16.0},
+}
 
 
-def _ours_masked_deletion(loaded: de.LoadedModel, case: Case, steps) -> dict[str, np.ndarray]:
-    """The masked preset playing the deletion game only (:data:`MASKED_DELETION_ONLY`), for comparison."""
-    return {"ours-masked-deletion": _explain_case(loaded, case, "masked", steps, **MASKED_DELETION_ONLY).saliency}
+def _ours_masked_earlier(name: str) -> Callable[[de.LoadedModel, Case, int | None], dict[str, np.ndarray]]:
+    """The explainer of the earlier form ``name`` of the masked preset (:data:`MASKED_EARLIER`)."""
+    def explainer(loaded: de.LoadedModel, case: Case, steps) -> dict[str, np.ndarray]:
+        return {name: _explain_case(loaded, case, "masked", steps, **MASKED_EARLIER[name]).saliency}
+    explainer.__doc__ = f"The masked preset with {MASKED_EARLIER[name]} (:data:`MASKED_EARLIER`), for comparison."
+    return explainer
 
 
 #: Post-processing variants of the masked preset (one optimization, several maps): name → settings changed.
 #: (Deletion and insertion depend only on the pixels' order, which a power keeps, up to ties from underflow.)
 MASKED_VARIANTS: Mapping[str, dict] = {
     "ours-masked": {},
-    "ours-masked-s16-p1": dict(power=1),
+    "ours-masked-s16-p4": dict(smoothing=16.0),
     "ours-masked-s8-p4": dict(smoothing=8.0),
-    "ours-masked-s4-p4": dict(smoothing=4.0),
     "ours-masked-s2-p4": dict(smoothing=2.0),
     "ours-masked-s0-p1": dict(smoothing=0.0, power=1),
 }
@@ -559,14 +559,14 @@ METHODS: Mapping[str, Callable[[de.LoadedModel, Case, int | None], dict[str, np.
     "integrated-gradients": _integrated_gradients, "occlusion": _occlusion, "grad-cam": _gradcam,
     "fong-vedaldi": _fong_vedaldi, "extremal-perturbation": _extremal_perturbation, "rise": _rise,
     "ours": _ours, "ours-fast": _ours_fast, "ours-masked": _ours_masked,
-    "ours-masked-deletion": _ours_masked_deletion, "ours-masked-variants": _ours_masked_variants,
+    **{name: _ours_masked_earlier(name) for name in MASKED_EARLIER}, "ours-masked-variants": _ours_masked_variants,
 }
 
 
 #: The methods :func:`evaluate` runs by default: all but the masked preset's variants (its post-processing,
-#: its deletion-only form) and extremal perturbation (added after the scene report was made; it runs on photos).
+#: its earlier forms) and extremal perturbation (added after the scene report was made; it runs on photos).
 SCENE_METHODS = tuple(m for m in METHODS
-                      if m not in ("ours-masked-variants", "ours-masked-deletion", "extremal-perturbation"))
+                      if m not in ("ours-masked-variants", *MASKED_EARLIER, "extremal-perturbation"))
 
 
 def run_methods(loaded: de.LoadedModel, case: Case, methods: Sequence[str],

@@ -221,7 +221,7 @@ def test_seed_preset_is_the_seeds_values():
     seed = dict(kernel_size=3, nblocks=3, nlayers=3, steps=1000, lr=0.01, l1_coeff=1.0,
                 power=6, border=0.1, dilation=20, difference="signed-mean", smoothing=0.0, patience=0,
                 precision="fp32", generator="plain", mask_size=28, area_coeff=1.0, tv_coeff=0.2, preserve_coeff=0.0,
-                jitter=0, runs=1)
+                removal="learned", jitter=0, runs=1)
     assert dict(de.PRESETS["seed"]) == seed
     assert de.resolve_hyperparameters("seed", steps=5) == {**seed, "steps": 5}
     assert de.Settings() == de.Settings.from_preset("seed")  # the stages' defaults are the seed's
@@ -232,7 +232,7 @@ def test_default_is_the_masked_preset_and_presets_differ_only_where_documented()
     assert de.resolve_hyperparameters(steps=7)["generator"] == "masked"
     changed = {k for k in de.SEED_PRESET if de.MASKED_PRESET[k] != de.SEED_PRESET[k]}
     assert changed == {"lr", "steps", "patience", "precision", "generator", "l1_coeff", "tv_coeff",
-                       "preserve_coeff", "jitter", "smoothing", "power", "border", "dilation"}
+                       "preserve_coeff", "removal", "jitter", "smoothing", "power", "border", "dilation"}
 
 
 def test_settings_are_grouped_by_stage_and_changed_by_name():
@@ -757,9 +757,16 @@ def test_result_line_says_where_the_run_stopped_and_whether_it_converged(explana
     e = with_run(explanation, steps_run=12, runs_converged=(True,), original_score=0.98, perturbed_score=0.003)
     assert e.converged
     assert e.result_line() == "score 0.98 → 0.003 (target 'square'), stopped at step 12 of 30 (converged)"
-    e = with_run(explanation, steps_run=30, runs_converged=(False,), original_score=0.69, perturbed_score=0.59)
+    e = with_run(explanation, steps_run=30, runs_converged=(False,), original_score=0.69, perturbed_score=0.59,
+                 removed_score=None)
     assert not e.converged and e.result_line().startswith("did not converge: score 0.69 → 0.59 (target 'square') "
                                                           "in 30 steps; try more --steps")
+    at_floor = replace(e, original_score=0.98, perturbed_score=0.27, removed_score=0.26)  # the blur can do no more
+    assert at_floor.result_line() == ("score 0.98 → 0.27 (target 'square'), stopped at step 30 of 30: the wholly "
+                                      "blurred image still scores 0.26, so a blur cannot take the class lower; the "
+                                      "map shows where blurring lowers it (--removal learned can change more than "
+                                      "detail)")
+    assert replace(at_floor, removed_score=0.05).result_line().startswith("did not converge")
     e = with_run(explanation, steps_run=30, runs_converged=(False,), original_score=0.9, perturbed_score=0.001)
     assert "stopped at step 30 of 30, not converged: the loss was still falling" in e.result_line()
     two = replace(e, runs_steps=(12, 30), runs_converged=(True, False))

@@ -97,7 +97,7 @@ def test_deletion_of_the_true_ordering_is_lower_than_of_the_reversed(region_case
 
 def test_blurred_keeps_shape_and_mean():
     x = torch.rand(2, 3, 64, 64)
-    out = ev.blurred(x, sigma=3)
+    out = de.blurred(x, sigma=3)
     assert out.shape == x.shape
     assert out.std() < x.std()
 
@@ -140,7 +140,7 @@ def test_every_method_gives_finite_maps_of_the_image_size(shapes_case):
     maps, seconds = ev.run_methods(loaded, case, list(ev.METHODS), steps=3)
     assert set(maps) >= {"random", "center", "saliency", "integrated-gradients", "occlusion", "grad-cam",
                          "fong-vedaldi", "rise", *ev.OURS_VARIANTS, "ours-fast", *ev.MASKED_VARIANTS,
-                         "ours-masked-deletion"}
+                         *ev.MASKED_EARLIER}
     for name, saliency in maps.items():
         assert saliency.shape == (224, 224), name
         assert np.isfinite(saliency).all() and saliency.min() >= 0, name
@@ -148,14 +148,18 @@ def test_every_method_gives_finite_maps_of_the_image_size(shapes_case):
     assert not loaded.model.training and not any(p.requires_grad for p in loaded.model.parameters())
 
 
-def test_deletion_only_method_is_the_masked_preset_without_the_preservation_game(shapes_case):
+def test_earlier_masked_methods_are_the_masked_preset_with_their_settings(shapes_case):
     loaded, case = shapes_case
-    maps, _ = ev.run_methods(loaded, case, ["ours-masked", "ours-masked-deletion"], steps=4)
-    before = de.explain(case.image, loaded, preset="masked", target=case.target, steps=4, verbose=False,
-                        preserve_coeff=0.0, runs=2, smoothing=16.0)
-    assert before.runs_steps is not None and len(before.runs_steps) == 2
-    np.testing.assert_array_equal(maps["ours-masked-deletion"], before.saliency)
-    assert not np.allclose(maps["ours-masked"], before.saliency)  # the default plays the preservation game
+    maps, _ = ev.run_methods(loaded, case, ["ours-masked", *ev.MASKED_EARLIER], steps=4)
+    deletion_only = de.explain(case.image, loaded, preset="masked", target=case.target, steps=4, verbose=False,
+                               removal="learned", preserve_coeff=0.0, runs=2, smoothing=16.0)
+    assert len(deletion_only.runs_steps) == 2
+    np.testing.assert_array_equal(maps["ours-masked-deletion"], deletion_only.saliency)
+    learned = de.explain(case.image, loaded, preset="masked", target=case.target, steps=4, verbose=False,
+                         removal="learned", smoothing=16.0)
+    np.testing.assert_array_equal(maps["ours-masked-learned"], learned.saliency)
+    for earlier in (deletion_only, learned):  # the default blurs where the mask acts, and smooths less
+        assert not np.allclose(maps["ours-masked"], earlier.saliency)
 
 
 # --------------------------------------------------------------------------- sanity check

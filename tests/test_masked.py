@@ -17,6 +17,13 @@ SIZE = scenes.SCENE_SIZE
 REGION = square_mask(top=30, left=130, size=50)
 
 
+def textured_scene(scene_id: int = 30_000_000) -> np.ndarray:
+    """A scene with fine noise added everywhere (H×W×3 uint8): blurring any region of it, the default's
+    removal, changes its pixels, as it does a photo's."""
+    noise = np.random.default_rng(0).integers(-60, 61, (SIZE, SIZE, 3))
+    return np.clip(scenes.make_scene(scene_id).image + noise, 0, 255).astype(np.uint8)
+
+
 def test_masked_generator_shapes_and_ranges():
     torch.manual_seed(0)
     generator = de.MaskedPerturbationGenerator(mask_size=7, copies=2)
@@ -101,6 +108,7 @@ def test_batched_masked_explanations_equal_separate_runs(shapes, images):
                                           ({"mask_size": 1}, "mask_size must be an integer in [2, 512]"),
                                           ({"tv_coeff": -1.0}, "tv_coeff must be a number in [0, inf)"),
                                           ({"preserve_coeff": -0.5}, "preserve_coeff must be a number in [0, inf)"),
+                                          ({"removal": "noise"}, "removal must be one of learned, blur"),
                                           ({"jitter": -2}, "jitter must be an integer in [0, 1000]"),
                                           ({"runs": 2, "generator": "plain"}, "runs must be 1 with the 'plain'")])
 def test_masked_hyperparameters_are_checked(bad, message):
@@ -109,13 +117,15 @@ def test_masked_hyperparameters_are_checked(bad, message):
 
 
 def test_masked_map_points_at_the_only_region_the_classifier_reads(shapes):
-    image = scenes.make_scene(30_000_000).image
+    image = textured_scene()
     x = scenes.normalize(image[None])
     model = RegionClassifier(REGION, x)
     loaded = de.LoadedModel(model, shapes.preprocessing, ["region", "other"], "toy")
     assert de.class_probabilities(model, x)[0, 0] > 0.95
     result = de.explain(image, loaded, preset="masked", target=0, verbose=False)
     assert result.perturbed_score < 0.5
+    wholly_blurred = de.class_probabilities(model, de.blurred(result.input))[0, 0]
+    assert result.removed_score == pytest.approx(float(wholly_blurred)) and result.summary()["removed_score"] < 0.5
     assert ev.pointing_hit(result.saliency, REGION, tolerance=0)
     assert ev.com_hit(result.saliency, REGION, tolerance=0)
     assert ev.energy_inside(result.saliency, REGION) > 0.5
@@ -142,9 +152,31 @@ def test_perturb_adds_the_preserved_image_only_with_a_preservation_weight():
     assert de.PerturbationGenerator().perturb(x[:1])[1] is None  # the seed's generator: deletion only
 
 
+def test_blur_removal_puts_the_blurred_image_under_the_mask_and_only_the_mask_learns():
+    torch.manual_seed(0)
+    generator = de.MaskedPerturbationGenerator(mask_size=4, copies=2, preserve_coeff=1.0, removal="blur")
+    assert generator.from_settings(generator.settings, copies=2).removal == "blur"
+    with torch.no_grad():
+        generator.logits.normal_(0, 2)
+    for x in (torch.randn(2, 3, 48, 40), torch.randn(2, 3, 48, 40)):  # a new image is blurred anew
+        m, background = generator.mask((48, 40)), de.blurred(x)
+        perturbed, kept = generator.perturb(x)
+        torch.testing.assert_close(perturbed, m * background + (1 - m) * x)
+        torch.testing.assert_close(kept, m * x + (1 - m) * background)
+        torch.testing.assert_close(generator(x), perturbed)
+    (perturbed.sum() + kept.sum()).backward()
+    assert generator.conv.weight.grad is None and generator.logits.grad.abs().sum() > 0
+    with torch.no_grad():
+        x = torch.randn(2, 3, 48, 40)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            generator(x)  # the blur of a bf16 step is not the one full precision gets afterwards
+        torch.testing.assert_close(generator(x), m * de.blurred(x) + (1 - m) * x)
+
+
 def test_preservation_makes_the_mask_cover_every_region_the_class_needs(shapes):
     # The class needs both squares intact: deleting one is enough, so the deletion game alone
-    # keeps the mask on one of them; preserving the class needs the mask on both.
+    # keeps the mask on one of them; preserving the class needs the mask on both. (The learned removal: the
+    # games are under test, and it changes these flat squares enough to delete the class; blurring them barely does.)
     first, second = square_mask(top=30, left=30, size=50), square_mask(top=140, left=140, size=50)
     image = scenes.make_scene(30_000_000).image
     x = scenes.normalize(image[None])
@@ -153,7 +185,7 @@ def test_preservation_makes_the_mask_cover_every_region_the_class_needs(shapes):
     covered = {}
     for weight in (0.0, 1.0):
         mask = de.explain(image, loaded, preset="masked", target=0, runs=1, preserve_coeff=weight,
-                          verbose=False).mask[0, 0].numpy()
+                          removal="learned", verbose=False).mask[0, 0].numpy()
         covered[weight] = sorted(float(mask[region].mean()) for region in (first, second))
     assert covered[0.0][0] < 0.2 and covered[0.0][1] > 0.2
     assert covered[1.0][0] > 0.6
