@@ -707,8 +707,8 @@ PRESET_DESCRIPTIONS: Mapping[str, str] = MappingProxyType({
     "fast": "the seed's method on the project's fast schedule: the seed's map quality about 12x sooner "
             "(README, Performance)",
     "masked": "learns a mask of where blurring the image deletes the class and where keeping it preserves the "
-              "class: a lower deletion AUC than the seed's method and than Grad-CAM, on the scenes and on real "
-              "photos (README, Beyond the seed)"})
+              "class: a lower deletion AUC than Grad-CAM on the scenes and on real photos, and than the seed's "
+              "method on the scenes (README, Beyond the seed)"})
 #: The preset :func:`explain` and the command line use when none is given: it measured better than the seed
 #: preset on every metric of the evaluation (README, "Beyond the seed").
 DEFAULT_PRESET = "masked"
@@ -853,7 +853,7 @@ class GeneratorSettings(_Stage):
                                          "score when only the mask's complement is perturbed")
     removal: str = setting("learned", masked="blur", choices=REMOVALS,
                            help="masked generator: what replaces the image under the mask: 'learned' the "
-                                "seed's generator G(x), 'blur' the image blurred (σ 10 px)")
+                                f"seed's generator G(x), 'blur' the image blurred (σ {BLUR_SIGMA:g} px)")
 
     def __post_init__(self):
         if self.kind in GENERATOR_ALIASES:
